@@ -84,6 +84,8 @@ def _progress_printer(seconds: float, stats: LoadStats):
     last = [-10.0]
 
     def show(elapsed: float) -> None:
+        if last[0] >= seconds:
+            return  # the final line is out; threads still finishing their last request print nothing more
         width = 30
         filled = int(width * elapsed / seconds) if seconds else width
         line = (f"  load [{'#' * filled}{'.' * (width - filled)}] {elapsed:5.1f}/{seconds:.0f}s  "
@@ -91,6 +93,7 @@ def _progress_printer(seconds: float, stats: LoadStats):
         if tty:
             sys.stderr.write("\r" + line)
             if elapsed >= seconds:
+                last[0] = elapsed
                 sys.stderr.write("\n")
             sys.stderr.flush()
         elif elapsed - last[0] >= 5 or elapsed >= seconds:

@@ -82,6 +82,7 @@ def make_handler(service: str, version: str, tracer: trace.Tracer, upstream: _Up
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stalls
         server_version = f"{service}/{version}"
 
         def log_message(self, format, *args):  # noqa: A002 - the stdlib's name

@@ -1,0 +1,61 @@
+"""The collector's HTTP query API: ``/ready``, ``/api/sql``, ``/api/stats``.
+
+``POST /api/sql?format=JSON`` with the SQL as the body (or ``GET /api/sql?query=...``) runs one
+read-only statement; errors answer ``{"error": "..."}`` with 400 (the query's fault) or 503 (not
+ready). Queries run in a worker thread (chdb releases the GIL), bounded by
+:data:`MAX_CONCURRENT_QUERIES` so a burst of heavy queries cannot starve ingestion.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from tracemesh.httpserve import Request, Response
+from tracemesh.query import QueryError
+
+#: Two cores here: more parallel scans than this only slow each other and the writer down.
+MAX_CONCURRENT_QUERIES = 4
+
+_CONTENT_TYPES = {
+    "JSON": "application/json", "JSONCompact": "application/json", "JSONEachRow": "application/x-ndjson",
+    "CSV": "text/csv", "CSVWithNames": "text/csv", "Arrow": "application/vnd.apache.arrow.file",
+    "ArrowStream": "application/vnd.apache.arrow.stream", "Parquet": "application/vnd.apache.parquet",
+}
+
+
+class QueryAPI:
+    def __init__(self, store, stats_fn) -> None:
+        self.store = store
+        self.ready = False
+        self._stats_fn = stats_fn
+        self._limit = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
+
+    async def __call__(self, req: Request) -> Response:
+        if req.path == "/ready":
+            return Response(200, b"ready\n") if self.ready else Response(503, b"starting\n")
+        if req.path == "/api/stats":
+            return Response.json(self._stats_fn())
+        if req.path == "/api/sql":
+            return await self._sql(req)
+        return Response.error(404, f"no such endpoint {req.path!r}; try POST /api/sql, GET /ready, GET /api/stats")
+
+    async def _sql(self, req: Request) -> Response:
+        if req.method == "POST":
+            try:
+                sql = req.body.decode("utf-8")
+            except UnicodeDecodeError:
+                return Response.error(400, "the SQL body must be UTF-8")
+        elif req.method == "GET":
+            sql = req.query.get("query", "")
+        else:
+            return Response(405, b"use GET ?query= or POST\n", headers=[("allow", "GET, POST")])
+        if not sql.strip():
+            return Response.error(400, "empty query: send the SQL as the request body or as ?query=")
+        if not self.ready:
+            return Response.error(503, "the store is not open yet")
+        fmt = req.query.get("format", "JSON")
+        try:
+            out = await trio.to_thread.run_sync(self.store.query_readonly, sql, fmt, limiter=self._limit)
+        except QueryError as exc:
+            return Response.error(400, str(exc))
+        return Response(200, out, _CONTENT_TYPES.get(fmt, "text/plain; charset=utf-8"))

@@ -1,0 +1,198 @@
+"""OTLP protobuf messages to the exporter's columns. Pure: no I/O, no ClickHouse.
+
+Values are rendered as the OpenTelemetry Collector renders them (``pcommon.Value.AsString``):
+strings as they are, booleans ``true``/``false``, integers in decimal, doubles in the shortest
+decimal form without exponent, bytes in base64, arrays and maps as JSON. Malformed items (a trace
+or span id of the wrong length, say) are counted and described, never stored half-right.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+_KINDS = ("Unspecified", "Internal", "Server", "Client", "Producer", "Consumer")
+_STATUS = ("Unset", "Ok", "Error")
+#: At most this many distinct rejection reasons are quoted back to the sender.
+MAX_REASONS = 3
+
+
+def format_double(v: float) -> str:
+    """Go's ``strconv.FormatFloat(v, 'f', -1, 64)``, as the OTel Collector renders doubles."""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    s = repr(v)
+    if "e" in s or "E" in s:
+        s = format(Decimal(s), "f")
+    if s.endswith(".0"):
+        s = s[:-2]
+    return s
+
+
+def _json_value(v):
+    which = v.WhichOneof("value")
+    if which == "string_value":
+        return v.string_value
+    if which == "bool_value":
+        return v.bool_value
+    if which == "int_value":
+        return v.int_value
+    if which == "double_value":
+        d = v.double_value
+        return d if math.isfinite(d) else format_double(d)
+    if which == "bytes_value":
+        return base64.b64encode(v.bytes_value).decode()
+    if which == "array_value":
+        return [_json_value(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _json_value(kv.value) for kv in v.kvlist_value.values}
+    return None
+
+
+def value_str(v) -> str:
+    which = v.WhichOneof("value")
+    if which == "string_value":
+        return v.string_value
+    if which == "int_value":
+        return str(v.int_value)
+    if which == "bool_value":
+        return "true" if v.bool_value else "false"
+    if which == "double_value":
+        return format_double(v.double_value)
+    if which == "bytes_value":
+        return base64.b64encode(v.bytes_value).decode()
+    if which is None:
+        return ""
+    return json.dumps(_json_value(v), separators=(",", ":"), ensure_ascii=False)
+
+
+def attrs(kvs) -> dict[str, str]:
+    """Key-value list to a map; a repeated key keeps its last value (maps cannot hold two)."""
+    return {kv.key: value_str(kv.value) for kv in kvs}
+
+
+@dataclass
+class SpanColumns:
+    """Columns of ``otel_traces`` in :data:`TRACE_COLUMNS` order, one list per column."""
+
+    Timestamp: list = field(default_factory=list)
+    TraceId: list = field(default_factory=list)
+    SpanId: list = field(default_factory=list)
+    ParentSpanId: list = field(default_factory=list)
+    TraceState: list = field(default_factory=list)
+    SpanName: list = field(default_factory=list)
+    SpanKind: list = field(default_factory=list)
+    ServiceName: list = field(default_factory=list)
+    ResourceAttributes: list = field(default_factory=list)
+    ScopeName: list = field(default_factory=list)
+    ScopeVersion: list = field(default_factory=list)
+    SpanAttributes: list = field(default_factory=list)
+    Duration: list = field(default_factory=list)
+    StatusCode: list = field(default_factory=list)
+    StatusMessage: list = field(default_factory=list)
+    EventsTimestamp: list = field(default_factory=list)
+    EventsName: list = field(default_factory=list)
+    EventsAttributes: list = field(default_factory=list)
+    LinksTraceId: list = field(default_factory=list)
+    LinksSpanId: list = field(default_factory=list)
+    LinksTraceState: list = field(default_factory=list)
+    LinksAttributes: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.TraceId)
+
+    def extend(self, other: "SpanColumns") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+    def columns(self) -> list[list]:
+        return [getattr(self, name) for name in self.__dataclass_fields__]
+
+
+@dataclass
+class Rejections:
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.count += n
+        if reason not in self.reasons and len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def _span_problem(span) -> str | None:
+    if len(span.trace_id) != 16 or not any(span.trace_id):
+        return f"span {span.name!r}: trace_id must be 16 bytes, not all zero (got {len(span.trace_id)} bytes)"
+    if len(span.span_id) != 8 or not any(span.span_id):
+        return f"span {span.name!r}: span_id must be 8 bytes, not all zero (got {len(span.span_id)} bytes)"
+    if span.parent_span_id and len(span.parent_span_id) != 8:
+        return f"span {span.name!r}: parent_span_id must be empty or 8 bytes (got {len(span.parent_span_id)})"
+    for link in span.links:
+        if len(link.trace_id) != 16 or len(link.span_id) != 8:
+            return f"span {span.name!r}: a link has a malformed trace_id or span_id"
+    return None
+
+
+def encode_traces(req: ExportTraceServiceRequest, out: SpanColumns | None = None) -> tuple[SpanColumns, Rejections]:
+    """Append the spans of *req* to *out* (a new one if None); return it and what was rejected."""
+    cols = out if out is not None else SpanColumns()
+    rej = Rejections()
+    # bound methods: this loop runs once per span and is the collector's hot path
+    ts, tid, sid, psid, tstate = cols.Timestamp.append, cols.TraceId.append, cols.SpanId.append, cols.ParentSpanId.append, cols.TraceState.append
+    name_, kind_, svc_, res_ = cols.SpanName.append, cols.SpanKind.append, cols.ServiceName.append, cols.ResourceAttributes.append
+    sname_, sver_, sattr_, dur_ = cols.ScopeName.append, cols.ScopeVersion.append, cols.SpanAttributes.append, cols.Duration.append
+    scode_, smsg_ = cols.StatusCode.append, cols.StatusMessage.append
+    ets_, ename_, eattr_ = cols.EventsTimestamp.append, cols.EventsName.append, cols.EventsAttributes.append
+    ltid_, lsid_, lts_, lattr_ = cols.LinksTraceId.append, cols.LinksSpanId.append, cols.LinksTraceState.append, cols.LinksAttributes.append
+    for rs in req.resource_spans:
+        res = attrs(rs.resource.attributes)
+        service = res.get("service.name", "")
+        for ss in rs.scope_spans:
+            scope_name, scope_version = ss.scope.name, ss.scope.version
+            for span in ss.spans:
+                problem = _span_problem(span)
+                if problem:
+                    rej.add(problem)
+                    continue
+                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                ts(start)
+                tid(span.trace_id.hex())
+                sid(span.span_id.hex())
+                psid(span.parent_span_id.hex())
+                tstate(span.trace_state)
+                name_(span.name)
+                kind_(_KINDS[span.kind] if 0 <= span.kind < len(_KINDS) else "Unspecified")
+                svc_(service)
+                res_(res)
+                sname_(scope_name)
+                sver_(scope_version)
+                sattr_({kv.key: value_str(kv.value) for kv in span.attributes})
+                dur_(end - start if end > start else 0)
+                code = span.status.code
+                scode_(_STATUS[code] if 0 <= code < 3 else "Unset")
+                smsg_(span.status.message)
+                if span.events:
+                    ets_([e.time_unix_nano for e in span.events])
+                    ename_([e.name for e in span.events])
+                    eattr_([attrs(e.attributes) for e in span.events])
+                else:
+                    ets_([]), ename_([]), eattr_([])
+                if span.links:
+                    ltid_([lk.trace_id.hex() for lk in span.links])
+                    lsid_([lk.span_id.hex() for lk in span.links])
+                    lts_([lk.trace_state for lk in span.links])
+                    lattr_([attrs(lk.attributes) for lk in span.links])
+                else:
+                    ltid_([]), lsid_([]), lts_([]), lattr_([])
+    return cols, rej

@@ -1,0 +1,191 @@
+"""The embedded store: real ClickHouse in-process (chdb) on a data directory.
+
+One process owns a data directory. We take an ``flock`` on ``DIR/.tracemesh.lock`` before chdb
+opens it, so a second opener gets :class:`StoreBusy` with the owning collector's query API URL
+(from ``DIR/collector.json``) instead of chdb's low-level lock error. Writes go through one
+session; reads from users go through a second session pinned to ``readonly = 1`` so ClickHouse
+itself refuses anything that would change data, whatever the statement looks like.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+
+from tracemesh.collector._encode import SpanColumns
+from tracemesh.collector._schema import TRACE_COLUMNS, SchemaOptions, trace_tables
+from tracemesh.query import QueryError, prepare_readonly
+
+LOCK_FILE = ".tracemesh.lock"
+OWNER_FILE = "collector.json"
+#: A user query runs at most this long (seconds); the API must not be tied up forever.
+QUERY_MAX_EXECUTION_S = 120
+#: Output formats a reader may ask for; all of them write to the answer, none to a file.
+READ_FORMATS = frozenset({
+    "PrettyCompactNoEscapes", "PrettyCompact", "Pretty", "PrettyNoEscapes", "JSON", "JSONCompact",
+    "JSONEachRow", "CSV", "CSVWithNames", "TSV", "TSVWithNames", "TSVRaw", "TabSeparated",
+    "TabSeparatedWithNames", "Markdown", "Vertical", "Values", "Arrow", "ArrowStream", "Parquet",
+})
+
+_MAP = pa.map_(pa.string(), pa.string())
+_TS = pa.timestamp("ns")
+_SPAN_SCHEMA = pa.schema([
+    ("Timestamp", _TS), ("TraceId", pa.string()), ("SpanId", pa.string()), ("ParentSpanId", pa.string()),
+    ("TraceState", pa.string()), ("SpanName", pa.string()), ("SpanKind", pa.string()), ("ServiceName", pa.string()),
+    ("ResourceAttributes", _MAP), ("ScopeName", pa.string()), ("ScopeVersion", pa.string()),
+    ("SpanAttributes", _MAP), ("Duration", pa.uint64()), ("StatusCode", pa.string()), ("StatusMessage", pa.string()),
+    ("Events.Timestamp", pa.list_(_TS)), ("Events.Name", pa.list_(pa.string())), ("Events.Attributes", pa.list_(_MAP)),
+    ("Links.TraceId", pa.list_(pa.string())), ("Links.SpanId", pa.list_(pa.string())),
+    ("Links.TraceState", pa.list_(pa.string())), ("Links.Attributes", pa.list_(_MAP)),
+])
+assert tuple(_SPAN_SCHEMA.names) == TRACE_COLUMNS
+
+
+class StoreBusy(Exception):
+    """Another process owns the store. ``api_url`` is its collector's query API, when known."""
+
+    def __init__(self, path: str, api_url: str | None, pid: int | None) -> None:
+        owner = f"collector pid {pid}" if pid else "another process"
+        super().__init__(f"the store {path} is in use by {owner}")
+        self.path, self.api_url, self.pid = path, api_url, pid
+
+
+#: ClickHouse reads query parameter values in its escaped (TSV) form.
+_PARAM_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"})
+
+
+def _param(value: str) -> str:
+    return value.translate(_PARAM_ESCAPES)
+
+
+def _chdb_message(exc: Exception) -> str:
+    msg = str(exc).strip()
+    # chdb wraps ClickHouse's message; keep ClickHouse's words, drop the stack noise
+    return msg.split("\nStack trace")[0]
+
+
+def spans_to_arrow(cols: SpanColumns) -> pa.Table:
+    arrays = [pa.array(col, type=f.type) for col, f in zip(cols.columns(), _SPAN_SCHEMA)]
+    return pa.Table.from_arrays(arrays, schema=_SPAN_SCHEMA)
+
+
+def _arrow_stream(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+class EmbeddedStore:
+    """chdb on *path*. Thread-safe; ``close()`` releases the directory for another process."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True) -> None:
+        from chdb import session
+
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_dir():
+            raise FileNotFoundError(f"no store at {self.path}")
+        self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            owner = self._read_owner()
+            raise StoreBusy(str(self.path), owner.get("api_url"), owner.get("pid")) from None
+        try:
+            self._writer = session.Session(str(self.path))
+            self._reader = session.Session(str(self.path))
+            self._reader.query(f"SET max_execution_time = {QUERY_MAX_EXECUTION_S}")
+            self._reader.query("SET readonly = 1")
+        except Exception:
+            os.close(self._lock_fd)
+            raise
+        self._write_lock = threading.Lock()
+        self._closed = False
+
+    def _read_owner(self) -> dict:
+        try:
+            return json.loads((self.path / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def announce(self, api_url: str) -> None:
+        """Say who owns the store, so readers that find it busy can be pointed to *api_url*."""
+        tmp = self.path / (OWNER_FILE + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "api_url": api_url}))
+        os.replace(tmp, self.path / OWNER_FILE)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            (self.path / OWNER_FILE).unlink(missing_ok=True)
+        except OSError:
+            pass
+        for s in (self._reader, self._writer):
+            try:
+                s.close()
+            except Exception:
+                pass
+        os.close(self._lock_fd)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def execute(self, sql: str) -> None:
+        with self._write_lock:
+            try:
+                self._writer.query(sql)
+            except Exception as exc:
+                raise QueryError(_chdb_message(exc)) from None
+
+    def ensure_schema(self, opts: SchemaOptions = SchemaOptions()) -> None:
+        for ddl in trace_tables(opts):
+            self.execute(ddl)
+
+    def insert_spans(self, cols: SpanColumns) -> int:
+        """Insert *cols* in one columnar INSERT; return the rows written."""
+        if not len(cols):
+            return 0
+        data = _arrow_stream(spans_to_arrow(cols))
+        with self._write_lock:
+            try:
+                with self._writer.send_insert("INSERT INTO otel_traces", "ArrowStream") as ins:
+                    ins.append(data)
+                    ins.finish()
+            except Exception as exc:
+                raise QueryError(_chdb_message(exc)) from None
+        return len(cols)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _format_query(self, sql: str) -> str:
+        try:
+            res = self._reader.query("SELECT formatQuery({q:String})", "TSVRaw", params={"q": _param(sql)})
+        except Exception as exc:
+            raise QueryError(_chdb_message(exc)) from None
+        return res.bytes().decode()
+
+    def query_readonly(self, sql: str, fmt: str = "JSON") -> bytes:
+        """Run one read-only statement as typed by a user; raise QueryError with ClickHouse's words."""
+        if fmt not in READ_FORMATS:
+            raise QueryError(f"unknown output format {fmt!r}; one of {', '.join(sorted(READ_FORMATS))}")
+        canonical = prepare_readonly(sql, self._format_query)
+        try:
+            return self._reader.query(canonical, fmt).bytes()
+        except Exception as exc:
+            raise QueryError(_chdb_message(exc)) from None
+
+
+def open_store(path: str | os.PathLike) -> EmbeddedStore:
+    """Open an existing store for reading (``tracemesh sql --store``). Raises StoreBusy."""
+    return EmbeddedStore(path, create=False)

@@ -1,0 +1,393 @@
+"""The sidecar's HTTP/1.1 data path: one Trio task per downstream connection, h11 on both sides.
+
+Inbound (a request to this workload): forward to the local app. Outbound (the app calling another
+service): the service comes from the absolute-form target (``GET http://catalog/x``, as clients
+send it to an ``HTTP_PROXY``) or from the ``Host`` header; the :class:`Router` picks version and
+endpoint. Bodies stream through in both directions; nothing is buffered beyond one read.
+
+Each request yields one span: SERVER inbound, CLIENT outbound, a child of the caller's
+``traceparent``; the upstream gets a ``traceparent`` naming our span as its parent. Failures map to
+Envoy's response flags and statuses: NR 404 (no route), UH 503 (no endpoint), UF 503 (connect
+failure), UT 504 (timeout), UC 503 (upstream closed before the response head; after it, the
+downstream connection is cut), DC (the downstream went away), UPE 502 (upstream protocol error).
+A stale kept-alive upstream connection that fails before any response is retried once on a new
+connection, when the request has no body (so nothing is sent twice that cannot be sent again).
+
+Cancellation: cancelling a connection task closes both connections of the exchange in flight and
+still records its span (flag DC).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from tracemesh.net import Addr
+from tracemesh.proxy._pool import ConnectError, Pool, UpstreamConn
+from tracemesh.proxy._recorder import (
+    KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, SpanRecord, SpanRecorder,
+)
+from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router
+from tracemesh.proxy._tracecontext import TraceParent, new_span_id, new_trace_id, parse_traceparent
+
+#: Request heads larger than this get 431 (Envoy's default max_request_headers_kb is 60).
+MAX_HEADER_BYTES = 64 * 1024
+#: A new connection must deliver its first request head within this time (slowloris).
+HEADER_TIMEOUT_S = 10.0
+#: A kept-alive downstream connection idle this long is closed (Envoy: 1 h; apps reconnect cheaply).
+IDLE_TIMEOUT_S = 60.0
+#: The upstream must answer with a response head within this time (Envoy's default route timeout).
+ROUTE_TIMEOUT_S = 15.0
+#: Between two reads of a streaming body, on either side.
+BODY_IDLE_TIMEOUT_S = 60.0
+READ_CHUNK = 64 * 1024
+
+#: Headers of one hop only (RFC 9110 7.6.1), never forwarded; h11 writes the framing we need.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"expect",
+})
+#: Caller identity, set by the calling sidecar and stripped before the app sees it. With mTLS
+#: this will come from the peer certificate instead; until then it is informational only.
+PEER_HEADER = b"x-tracemesh-peer"
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, flag: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.flag = status, flag
+
+
+class _DownstreamGone(Exception):
+    pass
+
+
+class _DownstreamCut(_DownstreamGone):
+    """The upstream failed after the response head was sent: the only honest move is to cut."""
+
+
+class _UpstreamGone(Exception):
+    pass
+
+
+@dataclass
+class _Span:
+    start_ns: int
+    trace_id: bytes
+    span_id: bytes
+    parent: bytes
+    flags: int
+    sampled: bool
+    attrs: dict = field(default_factory=dict)
+    status: int | None = None
+    flag: str = "-"
+    message: str = ""
+    req_bytes: int = 0
+    resp_bytes: int = 0
+
+
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: float):
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        with trio.fail_after(timeout):
+            data = await stream.receive_some(READ_CHUNK)
+        conn.receive_data(data)
+
+
+def _header(headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _forwardable(headers) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, and any header named in ``Connection``."""
+    named = set()
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+def _is_chunked(headers) -> bool:
+    te = _header(headers, b"transfer-encoding")
+    return te is not None and te.strip().lower().endswith(b"chunked")
+
+
+class Sidecar:
+    """The data path of one sidecar; :meth:`handle` serves one downstream connection."""
+
+    def __init__(self, *, service: str, version: str, app: Addr, router: Router, recorder: SpanRecorder) -> None:
+        self.service, self.version, self.app = service, version, app
+        self.router, self.recorder = router, recorder
+        self.pool = Pool()
+        self._peer_value = f"{service};{version}".encode()
+
+    async def handle(self, stream: trio.SocketStream, direction: str) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        first = True
+        try:
+            while True:
+                try:
+                    event = await _next_event(conn, stream, HEADER_TIMEOUT_S if first else IDLE_TIMEOUT_S)
+                except trio.TooSlowError:
+                    if conn.their_state is h11.SEND_BODY or (conn.their_state is h11.IDLE and not first):
+                        return
+                    await self._local_reply(conn, stream, 408, "request head not received in time", close=True)
+                    return
+                except h11.RemoteProtocolError as exc:
+                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await self._local_reply(conn, stream, exc.error_status_hint, f"bad request: {exc}", close=True)
+                    return
+                first = False
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed, or PAUSED after a request we could not finish
+                await self._exchange(conn, stream, event, direction)
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+                else:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            return
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def _local_reply(self, conn: h11.Connection, stream, status: int, message: str, close: bool = False) -> bool:
+        """Answer with a small text body, when the response has not started. True if sent."""
+        if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
+            return False
+        body = (message + "\n").encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        if close or conn.their_state is not h11.DONE:
+            headers.append((b"connection", b"close"))  # an unread request body makes the connection unusable
+        try:
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            return False
+        return True
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def _exchange(self, dconn: h11.Connection, dstream, req: h11.Request, direction: str) -> None:
+        start_ns = time.time_ns()
+        t0 = time.perf_counter_ns()
+        headers = list(req.headers)
+        method = req.method.decode("ascii", "replace")
+        target = req.target.decode("ascii", "replace")
+        tp = parse_traceparent((_header(headers, b"traceparent") or b"").decode("ascii", "replace"))
+        span = _Span(start_ns, tp.trace_id if tp else new_trace_id(), new_span_id(), tp.span_id if tp else b"",
+                     tp.flags if tp else 0x01, tp.sampled if tp else True)
+        request_id = _header(headers, b"x-request-id")
+        if not request_id:
+            request_id = str(uuid.uuid4()).encode()
+            headers.append((b"x-request-id", request_id))
+        authority = (_header(headers, b"host") or b"").decode("ascii", "replace")
+        path_and_query = target
+        if target.startswith(("http://", "https://")):
+            parts = urlsplit(target)
+            authority = parts.netloc or authority
+            path_and_query = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        path, _, query = path_and_query.partition("?")
+        a = span.attrs
+        a["http.request.method"] = method
+        a["url.path"] = path
+        if query:
+            a["url.query"] = query
+        a["url.scheme"] = "http"
+        a["network.protocol.version"] = req.http_version.decode("ascii", "replace")
+        a["mesh.direction"] = direction
+        a["guid:x-request-id"] = request_id.decode("latin-1")
+        ua = _header(headers, b"user-agent")
+        if ua:
+            a["user_agent.original"] = ua.decode("latin-1")
+        peer = _header(headers, PEER_HEADER)
+        headers = [(k, v) for k, v in headers if k != PEER_HEADER and k != b"traceparent"]
+        upstream: Addr | None = None
+        name = f"{method} {self.service}"
+        kind = KIND_SERVER if direction == "inbound" else KIND_CLIENT
+        try:
+            if direction == "inbound":
+                upstream = self.app
+                a["mesh.destination.service"], a["mesh.destination.version"] = self.service, self.version
+                if peer:
+                    src_service, _, src_version = peer.decode("latin-1").partition(";")
+                    a["mesh.source.service"], a["mesh.source.version"] = src_service, src_version
+            else:
+                a["mesh.source.service"], a["mesh.source.version"] = self.service, self.version
+                name = f"{method} unknown"
+                if method == "CONNECT":
+                    raise ProxyError(501, "NR", "CONNECT tunnels are not supported by the outbound listener")
+                if target.startswith("https://"):
+                    raise ProxyError(501, "NR", "https:// targets cannot be proxied in plain HTTP; let the sidecar do TLS")
+                if not authority:
+                    raise ProxyError(400, "NR", "no Host header and no absolute-form target: cannot tell which service")
+                try:
+                    pick = self.router.pick(authority)
+                except NoRoute as exc:
+                    raise ProxyError(404, "NR", f"no route: {exc}") from None
+                except NoHealthyUpstream as exc:
+                    raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
+                upstream = pick.endpoint.address
+                name = f"{method} {pick.service}"
+                a["peer.service"] = a["mesh.destination.service"] = pick.service
+                a["mesh.destination.version"] = pick.endpoint.version
+                headers.append((PEER_HEADER, self._peer_value))
+            a["mesh.upstream.endpoint"] = str(upstream)
+            if authority:
+                a["server.address"] = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+            headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
+            if not any(k == b"host" for k, _ in headers):
+                headers.insert(0, (b"host", (authority or str(upstream)).encode()))
+            await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span)
+        except ProxyError as exc:
+            span.flag, span.message = exc.flag, str(exc)
+            if await self._local_reply(dconn, dstream, exc.status, str(exc)):
+                span.status = exc.status
+        except _DownstreamCut:
+            pass  # the flag says what the upstream did
+        except _DownstreamGone:
+            span.flag, span.message = "DC", "downstream connection closed before the response was complete"
+        except trio.Cancelled:
+            span.flag, span.message = "DC", "sidecar shutting down"
+            raise
+        finally:
+            self._record(span, name, kind, t0)
+
+    def _record(self, span: _Span, name: str, kind: int, t0: int) -> None:
+        if not span.sampled:
+            return
+        a = span.attrs
+        if span.status is not None:
+            a["http.response.status_code"] = span.status
+        a["mesh.response_flags"] = span.flag
+        a["http.request.body.size"] = span.req_bytes
+        a["http.response.body.size"] = span.resp_bytes
+        limit = 500 if kind == KIND_SERVER else 400  # OTel semconv: a 4xx is the client's error, not the server's
+        failed = span.status is None or span.status >= limit or span.flag not in ("-", "DC")
+        if span.flag == "DC" and span.status is None:
+            failed = kind == KIND_CLIENT
+        status = STATUS_ERROR if failed else STATUS_UNSET
+        message = span.message if failed else ""
+        end_ns = span.start_ns + (time.perf_counter_ns() - t0)
+        self.recorder.record(SpanRecord(span.trace_id, span.span_id, span.parent, name, kind,
+                                        span.start_ns, end_ns, a, status, message))
+
+    async def _forward(self, dconn, dstream, req: h11.Request, headers, target: str, upstream: Addr, span: _Span) -> None:
+        chunked = _is_chunked(headers)
+        length = _header(headers, b"content-length")
+        has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
+        headers = _forwardable(headers)
+        if chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        if dconn.client_is_waiting_for_100_continue:
+            # as Envoy does by default: answer 100 ourselves rather than relaying the upstream's
+            await dstream.send_all(dconn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        out_req = h11.Request(method=req.method, target=target.encode("ascii"), headers=headers)
+        deadline = trio.current_time() + ROUTE_TIMEOUT_S
+        for attempt in (1, 2):
+            try:
+                uc = await self.pool.acquire(upstream)
+            except ConnectError as exc:
+                raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
+            try:
+                resp = await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline)
+                break
+            except _UpstreamGone as exc:
+                await uc.aclose()
+                if uc.reused and not has_body and attempt == 1:
+                    continue
+                raise ProxyError(503, "UC", f"upstream disconnect/reset before headers: {exc}") from None
+            except BaseException:
+                await uc.aclose()
+                raise
+        try:
+            await self._relay_response(uc, dconn, dstream, resp, span)
+        except BaseException:
+            await uc.aclose()
+            raise
+        await self.pool.release(uc)
+
+    async def _send_request(self, uc: UpstreamConn, dconn, dstream, out_req, has_body: bool, span: _Span, deadline):
+        """Send the request head and body upstream; return the response head."""
+        u = uc.h11
+        try:
+            await uc.stream.send_all(u.send(out_req))
+            if dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
+                while True:
+                    try:
+                        ev = await _next_event(dconn, dstream, BODY_IDLE_TIMEOUT_S)
+                    except trio.TooSlowError:
+                        raise ProxyError(408, "DC", "request body stalled") from None
+                    except h11.RemoteProtocolError as exc:
+                        raise ProxyError(400, "DC", f"bad request body: {exc}") from None
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        raise _DownstreamGone() from None
+                    if isinstance(ev, h11.Data):
+                        span.req_bytes += len(ev.data)
+                        await uc.stream.send_all(u.send(ev))
+                    elif isinstance(ev, h11.EndOfMessage):
+                        break
+                    else:
+                        raise _DownstreamGone()
+            await uc.stream.send_all(u.send(h11.EndOfMessage()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _UpstreamGone(f"sending the request failed ({exc})") from None
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    ev = await _next_event(u, uc.stream, ROUTE_TIMEOUT_S)
+            except trio.TooSlowError:
+                raise ProxyError(504, "UT", f"upstream request timeout: no response within {ROUTE_TIMEOUT_S:.0f}s") from None
+            except h11.RemoteProtocolError as exc:
+                if u.trailing_data[1]:  # the peer closed (before or inside the response head)
+                    raise _UpstreamGone("the connection closed") from None
+                raise ProxyError(502, "UPE", f"upstream protocol error: {exc}") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise _UpstreamGone(str(exc) or "connection reset") from None
+            if isinstance(ev, h11.Response):
+                return ev
+            if isinstance(ev, h11.ConnectionClosed):
+                raise _UpstreamGone("the connection closed")
+            # InformationalResponse (100) from upstream: we already answered the downstream's Expect
+
+    async def _relay_response(self, uc: UpstreamConn, dconn, dstream, resp: h11.Response, span: _Span) -> None:
+        # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0
+        headers = _forwardable(resp.headers)
+        span.status = resp.status_code
+        try:
+            await dstream.send_all(dconn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _DownstreamGone() from None
+        u = uc.h11
+        while True:
+            try:
+                ev = await _next_event(u, uc.stream, BODY_IDLE_TIMEOUT_S)
+            except trio.TooSlowError:
+                span.flag, span.message = "UT", "upstream response body stalled"
+                raise _DownstreamCut() from None
+            except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                span.flag, span.message = "UC", f"upstream closed mid-response: {exc}"
+                raise _DownstreamCut() from None
+            try:
+                if isinstance(ev, h11.Data):
+                    span.resp_bytes += len(ev.data)
+                    await dstream.send_all(dconn.send(ev))
+                elif isinstance(ev, h11.EndOfMessage):
+                    await dstream.send_all(dconn.send(h11.EndOfMessage()))
+                    return
+                else:
+                    span.flag, span.message = "UC", "upstream closed mid-response"
+                    raise _DownstreamCut()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _DownstreamGone() from None

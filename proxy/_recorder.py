@@ -1,0 +1,184 @@
+"""The sidecar's span recorder and OTLP/gRPC exporter: no OpenTelemetry SDK on the request path.
+
+:meth:`SpanRecorder.record` appends one tuple to a bounded deque (about a microsecond) and never
+blocks: when the queue is full the span is dropped and counted. :class:`OTLPExporter` takes
+batches off the queue, encodes them into an ``ExportTraceServiceRequest`` (a pure function,
+:func:`encode_request`) and sends them with grpcio in a worker thread.
+
+Cancellation: cancelling :meth:`OTLPExporter.run` stops exporting; call :meth:`OTLPExporter.flush`
+(shielded, bounded) at shutdown to send what is still queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import grpc
+import trio
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+log = logging.getLogger(__name__)
+
+SCOPE_NAME = "tracemesh.proxy"
+#: Spans held for export at most; beyond this they are dropped and counted (memory stays bounded).
+MAX_QUEUED_SPANS = 16_384
+#: One export request carries at most this many spans (~0.5 MB), well under gRPC's 4 MiB default.
+MAX_BATCH = 1024
+#: A span is exported at most about this long after it ends.
+EXPORT_INTERVAL_S = 0.5
+EXPORT_TIMEOUT_S = 10.0
+#: A batch that fails this many times in a row is dropped (counted), so one outage cannot pin memory.
+MAX_ATTEMPTS = 5
+EXPORT_PATH = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+KIND_SERVER = Span.SpanKind.SPAN_KIND_SERVER
+KIND_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
+STATUS_UNSET = Status.StatusCode.STATUS_CODE_UNSET
+STATUS_ERROR = Status.StatusCode.STATUS_CODE_ERROR
+
+
+class SpanRecord(NamedTuple):
+    trace_id: bytes
+    span_id: bytes
+    parent_span_id: bytes
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    attributes: dict
+    status: int
+    status_message: str
+
+
+@dataclass
+class RecorderStats:
+    recorded: int = 0
+    dropped: int = 0
+    exported: int = 0
+    export_failures: int = 0
+    export_dropped: int = 0
+
+
+def _kv(key: str, value) -> KeyValue:
+    if isinstance(value, bool):
+        return KeyValue(key=key, value=AnyValue(bool_value=value))
+    if isinstance(value, int):
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+    if isinstance(value, float):
+        return KeyValue(key=key, value=AnyValue(double_value=value))
+    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
+
+
+def encode_request(resource: dict, scope_version: str, spans: list[SpanRecord]) -> bytes:
+    """One ExportTraceServiceRequest (serialized) for *spans* under one resource and scope."""
+    out = []
+    for s in spans:
+        out.append(Span(
+            trace_id=s.trace_id, span_id=s.span_id, parent_span_id=s.parent_span_id, name=s.name,
+            kind=s.kind, start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
+            attributes=[_kv(k, v) for k, v in s.attributes.items()],
+            status=Status(code=s.status, message=s.status_message),
+        ))
+    req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=Resource(attributes=[_kv(k, v) for k, v in resource.items()]),
+        scope_spans=[ScopeSpans(scope=InstrumentationScope(name=SCOPE_NAME, version=scope_version), spans=out)],
+    )])
+    return req.SerializeToString()
+
+
+class SpanRecorder:
+    def __init__(self, max_queued: int = MAX_QUEUED_SPANS) -> None:
+        self._q: deque[SpanRecord] = deque()
+        self._max = max_queued
+        self.stats = RecorderStats()
+        self.wakeup = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def record(self, span: SpanRecord) -> None:
+        """Queue *span* for export; never blocks, drops (counted) when the queue is full."""
+        if len(self._q) >= self._max:
+            self.stats.dropped += 1
+            return
+        self._q.append(span)
+        self.stats.recorded += 1
+        if len(self._q) >= MAX_BATCH:
+            self.wakeup.set()
+
+    def take(self, n: int = MAX_BATCH) -> list[SpanRecord]:
+        q = self._q
+        return [q.popleft() for _ in range(min(n, len(q)))]
+
+
+class OTLPExporter:
+    def __init__(self, recorder: SpanRecorder, collector: str, resource: dict, scope_version: str) -> None:
+        self.recorder = recorder
+        self.target = collector
+        self.resource = resource
+        self.scope_version = scope_version
+        self._channel = grpc.insecure_channel(collector, options=[("grpc.enable_retries", 0)])
+        self._export = self._channel.unary_unary(
+            EXPORT_PATH, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)
+        self._warned_at = 0.0
+
+    def _send(self, payload: bytes, timeout: float) -> None:
+        self._export(payload, timeout=timeout)
+
+    async def _export_batch(self, batch: list[SpanRecord], timeout: float = EXPORT_TIMEOUT_S) -> bool:
+        payload = encode_request(self.resource, self.scope_version, batch)
+        try:
+            await trio.to_thread.run_sync(self._send, payload, timeout, abandon_on_cancel=True)
+        except grpc.RpcError as exc:
+            self.recorder.stats.export_failures += 1
+            now = time.monotonic()
+            if now - self._warned_at > 10:  # one line per 10 s, not one per batch, while the collector is away
+                self._warned_at = now
+                log.warning("span export to %s failed: %s %s", self.target, exc.code(), exc.details())
+            return False
+        self.recorder.stats.exported += len(batch)
+        return True
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Export until cancelled. A failing batch is retried with backoff, then dropped (counted)."""
+        task_status.started()
+        pending: list[SpanRecord] = []
+        attempts = 0
+        while True:
+            with trio.move_on_after(EXPORT_INTERVAL_S):
+                await self.recorder.wakeup.wait()
+            self.recorder.wakeup = trio.Event()
+            while True:
+                if not pending:
+                    pending, attempts = self.recorder.take(), 0
+                if not pending:
+                    break
+                if await self._export_batch(pending):
+                    pending = []
+                    continue
+                attempts += 1
+                if attempts >= MAX_ATTEMPTS:
+                    self.recorder.stats.export_dropped += len(pending)
+                    pending = []
+                await trio.sleep(min(0.25 * 2 ** attempts, 5.0))
+                break
+
+    async def flush(self, deadline_s: float = 3.0) -> None:
+        """Send what is queued, for at most *deadline_s* (shielded: runs during shutdown)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):
+            while len(self.recorder):
+                if not await self._export_batch(self.recorder.take(), timeout=deadline_s):
+                    break
+
+    def close(self) -> None:
+        self._channel.close()
