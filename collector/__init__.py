@@ -5,6 +5,6 @@ Public surface: :func:`serve` (the ``tracemesh collector`` command), :func:`open
 """
 
 from tracemesh.collector._store import EmbeddedStore, StoreBusy, open_store
-from tracemesh.collector._serve import serve
+from tracemesh.collector._serve import CollectorOptions, serve, status
 
-__all__ = ["EmbeddedStore", "StoreBusy", "open_store", "serve"]
+__all__ = ["CollectorOptions", "EmbeddedStore", "StoreBusy", "open_store", "serve", "status"]

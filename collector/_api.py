@@ -24,10 +24,11 @@ _CONTENT_TYPES = {
 
 
 class QueryAPI:
-    def __init__(self, store, stats_fn) -> None:
+    def __init__(self, store, stats_fn, metrics_fn=None) -> None:
         self.store = store
         self.ready = False
         self._stats_fn = stats_fn
+        self._metrics_fn = metrics_fn
         self._limit = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
 
     async def __call__(self, req: Request) -> Response:
@@ -35,9 +36,13 @@ class QueryAPI:
             return Response(200, b"ready\n") if self.ready else Response(503, b"starting\n")
         if req.path == "/api/stats":
             return Response.json(self._stats_fn())
+        if req.path == "/metrics":
+            if self._metrics_fn is None or not self.ready:
+                return Response(503, b"starting\n")
+            return Response(200, self._metrics_fn(), "text/plain; version=0.0.4; charset=utf-8")
         if req.path == "/api/sql":
             return await self._sql(req)
-        return Response.error(404, f"no such endpoint {req.path!r}; try POST /api/sql, GET /ready, GET /api/stats")
+        return Response.error(404, f"no such endpoint {req.path!r}; try POST /api/sql, GET /ready, GET /api/stats, GET /metrics")
 
     async def _sql(self, req: Request) -> Response:
         if req.method == "POST":

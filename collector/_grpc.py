@@ -1,8 +1,11 @@
-"""The OTLP/gRPC receiver (grpcio): TraceService/Export.
+"""The OTLP/gRPC receiver (grpcio): TraceService, MetricsService and LogsService ``Export``.
 
 Requests arrive as raw bytes and are parsed here, so a malformed message gets INVALID_ARGUMENT
-with the parser's reason instead of grpcio's generic deserialization failure. Malformed spans
-inside a well-formed message are rejected through OTLP partial success; the rest is stored.
+with the parser's reason instead of grpcio's generic deserialization failure. Malformed items
+inside a well-formed message are refused through OTLP partial success; the rest is stored. An
+export is answered only once it is in the write-ahead log; when the log is full the answer is
+RESOURCE_EXHAUSTED with gRPC retry info (``google.rpc.RetryInfo`` in the status details), which
+the OpenTelemetry exporters honour.
 """
 
 from __future__ import annotations
@@ -11,51 +14,54 @@ import logging
 from concurrent import futures
 
 import grpc
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTracePartialSuccess,
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
-from tracemesh.collector._encode import encode_traces
-from tracemesh.collector._pipeline import SpanPipeline
+from tracemesh.collector._otlp import SIGNALS, OTLPError, Signal
+from tracemesh.collector._pipeline import Backpressure, Pipeline
 
 log = logging.getLogger(__name__)
 
-TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
-#: OTLP's recommended limit is 4 MiB by default in gRPC; collectors commonly allow more.
+#: OTLP's gRPC default is 4 MiB; collectors commonly allow more. Configurable with --max-message.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: Parsing and encoding run in these threads (they hold the GIL most of the time: few suffice).
-WORKER_THREADS = 8
-#: Told to a sender that we pushed back, as gRPC retry info would say it.
-RETRY_AFTER_S = 1
+#: Exports wait in these threads for the WAL's group commit; many waiters share one fsync.
+WORKER_THREADS = 16
 
 
-def _export_traces(pipeline: SpanPipeline):
-    def export(data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
-        req = ExportTraceServiceRequest()
+def _retry_info_trailer(seconds: int):
+    """grpc-status-details-bin carrying google.rpc.Status with a RetryInfo, as OTLP specifies."""
+    try:
+        from google.rpc import code_pb2, error_details_pb2, status_pb2
+    except ImportError:  # googleapis-common-protos ships with the OTLP exporters; without it, no details
+        return None
+    from google.protobuf import any_pb2, duration_pb2
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
+    st = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="collector is pushing back", details=[detail])
+    return ("grpc-status-details-bin", st.SerializeToString())
+
+
+def _handler(signal: Signal, pipeline: Pipeline):
+    def export(data: bytes, context: grpc.ServicerContext):
         try:
-            req.ParseFromString(data)
-        except DecodeError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ExportTraceServiceRequest: {exc}")
-        cols, rej = encode_traces(req)
-        pipeline.stats.rejected += rej.count
-        if len(cols) and not pipeline.offer(cols):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"collector queue is full ({pipeline.queued} spans waiting for storage); retry in {RETRY_AFTER_S}s",
-            )
-        if rej.count:
-            return ExportTraceServiceResponse(
-                partial_success=ExportTracePartialSuccess(rejected_spans=rej.count, error_message=rej.message)
-            )
-        return ExportTraceServiceResponse()
+            result = signal.accept(data)
+        except OTLPError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if result.rows:
+            try:
+                pipeline.submit(signal.kind, data, result.batches, result.rejected)
+            except Backpressure as exc:
+                md = _retry_info_trailer(exc.retry_after_s)
+                if md is not None:
+                    context.set_trailing_metadata((md,))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {exc.retry_after_s}s")
+        elif result.rejected:
+            pipeline.stats.rejected_rows += result.rejected
+        return signal.response(result)
 
     return export
 
 
-def start_grpc(addr: str, pipeline: SpanPipeline, *, max_message: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """Start the receiver on *addr* (``host:port``); return the server and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc"),
@@ -65,14 +71,12 @@ def start_grpc(addr: str, pipeline: SpanPipeline, *, max_message: int = MAX_MESS
             ("grpc.so_reuseport", 0),
         ],
     )
-    handler = grpc.method_handlers_generic_handler(TRACE_SERVICE, {
-        "Export": grpc.unary_unary_rpc_method_handler(
-            _export_traces(pipeline),
-            request_deserializer=None,
-            response_serializer=ExportTraceServiceResponse.SerializeToString,
-        ),
-    })
-    server.add_generic_rpc_handlers((handler,))
+    for signal in SIGNALS.values():
+        handler = grpc.method_handlers_generic_handler(signal.grpc_service, {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                _handler(signal, pipeline), request_deserializer=None, response_serializer=lambda b: b),
+        })
+        server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(addr)
     if port == 0:
         raise OSError(f"cannot listen for OTLP/gRPC on {addr}")

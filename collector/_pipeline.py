@@ -1,127 +1,329 @@
-"""Between the receivers and the store: a bounded queue and one writer thread that batches.
+"""From an acknowledged export to stored rows: WAL first, then batched columnar inserts.
 
-Receivers hand over encoded columns with :meth:`SpanPipeline.offer`, which never blocks: when the
-queue holds ``max_queued_spans`` it answers False and the receiver pushes back (gRPC
-RESOURCE_EXHAUSTED), so memory stays bounded. The writer merges what is queued into inserts of up
-to ``max_batch_spans`` rows, or whatever arrived within ``flush_interval_s``.
+A receiver validates and encodes an export, then calls :meth:`Pipeline.submit`, which appends the
+raw request to the write-ahead log (group commit) and returns only once it is on disk; only then is
+the export acknowledged. The encoded rows wait in memory for the writer thread, up to
+``max_memory_rows``; beyond that an entry keeps only its place in the log (spooled) and is decoded
+again from the log when its turn comes. When the log itself is full, :class:`Backpressure` tells
+the receiver to push back.
 
-Cancellation: :meth:`close` drains the queue into the store before it returns.
+The writer takes a contiguous run of durable records, writes an *intent* (first and last sequence
+number) to ``checkpoint.json``, inserts each table's rows with the insert deduplication token
+``<wal epoch>:<first>-<last>:<table>``, then releases the run from the log. After a crash the run
+named by the intent is inserted again, the same rows with the same token, so ClickHouse drops what
+already arrived (``non_replicated_deduplication_window`` on our tables); later records follow.
+Nothing acknowledged is lost; nothing is stored twice.
+
+Storage failures are retried with backoff, the same run and tokens each time, for as long as it
+takes; meanwhile the log grows. Cancellation: :meth:`close` stops taking exports, tries to store
+what is queued for a bounded time, and leaves the rest in the log for the next start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
-from tracemesh.collector._encode import SpanColumns
+from tracemesh.collector._wal import WAL, WALClosed, WALFull
 
 log = logging.getLogger(__name__)
 
+KIND_TRACES, KIND_METRICS, KIND_LOGS = 1, 2, 3
+KIND_NAMES = {KIND_TRACES: "traces", KIND_METRICS: "metrics", KIND_LOGS: "logs"}
+
 #: Large inserts are cheap per row in ClickHouse; 50k spans is ~30 MB of columns.
-MAX_BATCH_SPANS = 50_000
+MAX_BATCH_ROWS = 50_000
 #: Data is queryable within about this long after it arrives.
 FLUSH_INTERVAL_S = 0.2
-#: Pushback threshold: the queue never holds more than this many spans.
-MAX_QUEUED_SPANS = 200_000
-#: After a failed insert, wait this long before trying again (the batch is kept).
-RETRY_BACKOFF_S = 1.0
+#: Rows held in memory for the writer; beyond this, entries are spooled (kept only in the log).
+MAX_MEMORY_ROWS = 200_000
+#: After a failed insert, wait this long (doubling up to the max) before trying the same run again.
+RETRY_BACKOFF_S, RETRY_BACKOFF_MAX_S = 0.5, 10.0
+#: Told to senders that are pushed back.
+RETRY_AFTER_S = 2
+#: Rows per record assumed for records recovered from the log (their count is known once decoded).
+_RECOVERED_ROWS_GUESS = 1000
+CHECKPOINT = "checkpoint.json"
+
+Decoder = Callable[[int, bytes], dict]
+Inserter = Callable[[str, object, str], None]
+
+
+class Backpressure(Exception):
+    """Not accepted now; retry after ``retry_after_s``. The export was not acknowledged."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
 class Stats:
-    received: int = 0
-    rejected: int = 0
-    refused: int = 0  # pushed back because the queue was full
-    stored: int = 0
+    exports: int = 0  # acknowledged exports (records in the log)
+    received_rows: int = 0
+    rejected_rows: int = 0  # malformed items, refused through OTLP partial success
+    refused_exports: int = 0  # pushed back: log full or closing
+    stored_rows: int = 0
+    stored_by_table: dict = field(default_factory=dict)
+    spooled_records: int = 0  # records currently waiting only in the log
+    recovered_records: int = 0  # records found in the log at start
     insert_errors: int = 0
+    inserts: int = 0
+    insert_seconds: float = 0.0
     last_insert_ms: float = 0.0
+    storage_ok: bool = True
 
 
-class SpanPipeline:
-    def __init__(self, insert, *, max_batch: int = MAX_BATCH_SPANS, max_queued: int = MAX_QUEUED_SPANS,
-                 flush_interval: float = FLUSH_INTERVAL_S) -> None:
+@dataclass
+class _Entry:
+    seq: int
+    batches: dict | None  # None: spooled, decode from the log
+    rows: int
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _merge(batches_list: list[dict]) -> dict:
+    out: dict = {}
+    for batches in batches_list:
+        for table, b in batches.items():
+            if not len(b):
+                continue
+            if table in out:
+                out[table].extend(b)
+            else:
+                out[table] = b
+    return out
+
+
+class Pipeline:
+    def __init__(self, wal: WAL, insert: Inserter, decode: Decoder, *, max_batch_rows: int = MAX_BATCH_ROWS,
+                 flush_interval: float = FLUSH_INTERVAL_S, max_memory_rows: int = MAX_MEMORY_ROWS) -> None:
+        self.wal = wal
         self._insert = insert
-        self._max_batch = max_batch
-        self._max_queued = max_queued
+        self._decode = decode
+        self._max_batch = max_batch_rows
         self._flush_interval = flush_interval
-        self._queue: deque[SpanColumns] = deque()
-        self._queued = 0
+        self._max_memory = max_memory_rows
+        self._checkpoint = str(wal.dir / CHECKPOINT)
         self._cond = threading.Condition()
+        self._pending: dict[int, _Entry] = {}
+        self._memory_rows = 0
         self._closing = False
+        self._give_up_at = float("inf")
         self.stats = Stats()
-        self._thread = threading.Thread(target=self._run, name="span-writer", daemon=True)
+        self._forced: tuple[int, int] | None = None
+        self._next = self._recover()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _recover(self) -> int:
+        intent = None
+        try:
+            with open(self._checkpoint) as f:
+                intent = tuple(json.load(f)["intent"])
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("unreadable %s (%s): replaying the whole log (duplicates are dropped by token)", self._checkpoint, exc)
+        seqs = list(self.wal.seqs())
+        if intent is not None:
+            first, last = intent
+            if seqs and seqs[0] < first:
+                self.wal.release(first - 1)  # stored before the last intent was written
+                seqs = [s for s in seqs if s >= first]
+            if seqs and seqs[0] == first and seqs[-1] >= last:
+                self._forced = (first, last)
+        for s in seqs:
+            loc_rows = _RECOVERED_ROWS_GUESS
+            self._pending[s] = _Entry(s, None, loc_rows)
+        self.stats.recovered_records = self.stats.spooled_records = len(seqs)
+        if seqs:
+            log.info("write-ahead log holds %d records not known to be stored: storing them again "
+                     "(insert tokens drop what was already stored)", len(seqs))
+        return seqs[0] if seqs else self.wal.next_seq
+
+    # -- receiving ---------------------------------------------------------------------------
+
     @property
-    def queued(self) -> int:
-        return self._queued
+    def queued_rows(self) -> int:
+        return sum(e.rows for e in self._pending.values())
 
-    def offer(self, cols: SpanColumns) -> bool:
-        """Queue *cols* for storage; False (nothing queued) when full or closing."""
-        n = len(cols)
+    def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0) -> int:
+        """Make one export durable and queue its rows; return its sequence number.
+
+        Blocks until the record is on disk (group commit). Raises Backpressure when the log is full
+        or the collector is stopping; then nothing was kept and the sender must retry.
+        """
+        rows = sum(len(b) for b in batches.values())
+
+        def assigned(seq: int) -> None:
+            with self._cond:
+                spool = self._memory_rows + rows > self._max_memory
+                self._pending[seq] = _Entry(seq, None if spool else batches, rows)
+                if spool:
+                    self.stats.spooled_records += 1
+                else:
+                    self._memory_rows += rows
+
+        if self._closing:
+            self.stats.refused_exports += 1
+            raise Backpressure("the collector is shutting down")
+        try:
+            seq = self.wal.append(kind, payload, on_assigned=assigned)
+        except WALFull as exc:
+            self.stats.refused_exports += 1
+            raise Backpressure(f"storage is behind: {exc}") from None
+        except WALClosed:
+            self.stats.refused_exports += 1
+            raise Backpressure("the collector is shutting down") from None
         with self._cond:
-            if self._closing or (self._queued + n > self._max_queued and self._queued > 0):
-                self.stats.refused += n
-                return False
-            self._queue.append(cols)
-            self._queued += n
-            self.stats.received += n
-            if self._queued >= self._max_batch:
-                self._cond.notify()
-        return True
+            self.stats.exports += 1
+            self.stats.received_rows += rows
+            self.stats.rejected_rows += rejected
+            self._cond.notify()
+        return seq
 
-    def _take(self) -> SpanColumns | None:
+    # -- writing -----------------------------------------------------------------------------
+
+    def _take(self) -> list[_Entry] | None:
+        """A contiguous run of durable entries to store next; None when closing and done."""
         with self._cond:
             deadline = time.monotonic() + self._flush_interval
-            while self._queued < self._max_batch and not self._closing:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while True:
+                ready = self._ready_rows()
+                if self._closing or ready >= self._max_batch:
                     break
-                self._cond.wait(left)
-            if not self._queue:
-                return None
-            batch = self._queue.popleft()
-            while self._queue and len(batch) + len(self._queue[0]) <= self._max_batch:
-                nxt = self._queue.popleft()
-                if not len(batch):
-                    batch = nxt
-                else:
-                    batch.extend(nxt)
-            return batch
+                left = deadline - time.monotonic()
+                if left <= 0 and ready:
+                    break
+                self._cond.wait(left if left > 0 else self._flush_interval)
+            run: list[_Entry] = []
+            rows = 0
+            s = self._next
+            last = self._forced[1] if self._forced else None
+            while s in self._pending and s <= self.wal.durable:
+                e = self._pending[s]
+                if last is None and run and rows + e.rows > self._max_batch:
+                    break
+                run.append(e)
+                rows += e.rows
+                if last is not None and s == last:
+                    break
+                s += 1
+            if not run:
+                return None if self._closing else []
+            return run
+
+    def _ready_rows(self) -> int:
+        rows, s = 0, self._next
+        while s in self._pending and s <= self.wal.durable and rows < self._max_batch:
+            rows += self._pending[s].rows
+            s += 1
+        return rows
+
+    def _materialize(self, run: list[_Entry]) -> tuple[dict, int]:
+        parts = []
+        for e in run:
+            if e.batches is not None:
+                parts.append(e.batches)
+                continue
+            kind, payload = self.wal.read(e.seq)
+            parts.append(self._decode(kind, payload))
+        tables = _merge(parts)
+        return tables, sum(len(b) for b in tables.values())
 
     def _run(self) -> None:
         while True:
-            batch = self._take()
-            if batch is None:
-                with self._cond:
-                    if self._closing and not self._queue:
-                        return
+            run = self._take()
+            if run is None:
+                return
+            if not run:
                 continue
+            first, last = run[0].seq, run[-1].seq
+            try:
+                _write_json_atomic(self._checkpoint, {"intent": [first, last], "epoch": self.wal.epoch})
+                tables, rows = self._materialize(run)
+            except Exception:
+                log.exception("cannot prepare records %d-%d for storage; retrying", first, last)
+                time.sleep(RETRY_BACKOFF_S)
+                continue
+            backoff = RETRY_BACKOFF_S
             while True:
                 t0 = time.perf_counter()
                 try:
-                    self._insert(batch)
-                except Exception:
+                    for table, batch in tables.items():
+                        self._insert(table, batch, f"{self.wal.epoch}:{first}-{last}:{table}")
+                except Exception as exc:
                     self.stats.insert_errors += 1
-                    log.exception("insert of %d spans failed; retrying in %.1fs", len(batch), RETRY_BACKOFF_S)
+                    self.stats.storage_ok = False
+                    if time.monotonic() > self._give_up_at:
+                        log.error("stopping with %d records still in the write-ahead log; they are stored at the next start",
+                                  len(self._pending))
+                        return
+                    log.warning("insert of records %d-%d (%d rows) failed, retrying in %.1fs: %s",
+                                first, last, rows, backoff, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                     with self._cond:
-                        if self._closing and self.stats.insert_errors > 3:
-                            log.error("giving up on %d spans at shutdown", len(batch))
-                            break
-                    time.sleep(RETRY_BACKOFF_S)
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
                     continue
-                self.stats.last_insert_ms = (time.perf_counter() - t0) * 1000
-                self.stats.stored += len(batch)
                 break
+            dt = time.perf_counter() - t0
+            self.wal.release(last)
             with self._cond:
-                self._queued -= len(batch)
+                self._forced = None
+                for e in run:
+                    del self._pending[e.seq]
+                    if e.batches is not None:
+                        self._memory_rows -= e.rows
+                    else:
+                        self.stats.spooled_records -= 1
+                self._next = last + 1
+                st = self.stats
+                st.storage_ok = True
+                st.inserts += 1
+                st.insert_seconds += dt
+                st.last_insert_ms = dt * 1000
+                st.stored_rows += rows
+                for table, b in tables.items():
+                    st.stored_by_table[table] = st.stored_by_table.get(table, 0) + len(b)
+                self._cond.notify_all()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop taking spans, store what is queued, stop the writer."""
+    def wait_stored(self, seq: int, timeout: float) -> bool:
+        """True once record *seq* is stored (used by tests and at shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._next <= seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking exports; store what is queued within *timeout*; the log keeps the rest."""
         with self._cond:
             self._closing = True
+            self._give_up_at = time.monotonic() + timeout
             self._cond.notify_all()
-        self._thread.join(timeout)
+        self._thread.join(timeout + 1)
+        self.wal.close()

@@ -1,9 +1,11 @@
-"""``tracemesh collector``: wire the store, the pipeline, the OTLP receiver and the query API.
+"""``tracemesh collector``: wire the store, the write-ahead log, the pipeline, the receivers and the
+query API.
 
-Start order: query API listens first (answering 503 on ``/ready``), then the store opens and the
-schema is ensured, then the OTLP receiver starts and ``/ready`` turns 200. Stop order on SIGTERM or
-SIGINT: the receiver stops taking data (in-flight exports finish), the pipeline drains into the
-store, the store closes and releases its directory.
+Start order: the query API listens first (``/ready`` answers 503), then the store opens and is
+migrated, the write-ahead log is opened and whatever it holds from before is queued for storage,
+then the OTLP receivers start and ``/ready`` turns 200. Stop order on SIGTERM or SIGINT: receivers
+stop taking exports (in-flight ones finish), the pipeline stores what it can within
+:data:`DRAIN_S` (the log keeps the rest for the next start), the store closes.
 """
 
 from __future__ import annotations
@@ -12,82 +14,145 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 
 import trio
 
+from tracemesh.collector import _selfmetrics
 from tracemesh.collector._api import QueryAPI
-from tracemesh.collector._grpc import start_grpc
-from tracemesh.collector._pipeline import SpanPipeline
+from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, start_grpc
+from tracemesh.collector._otlp import decode_record
+from tracemesh.collector._otlp_http import OTLPHttp
+from tracemesh.collector._pipeline import Pipeline
+from tracemesh.collector._schema import SchemaOptions
 from tracemesh.collector._store import EmbeddedStore, StoreBusy
+from tracemesh.collector._wal import MAX_BYTES, WAL
 from tracemesh.httpserve import serve_http
 from tracemesh.net import Addr
 
 log = logging.getLogger("tracemesh.collector")
 
-#: In-flight OTLP exports get this long to finish at shutdown.
+#: In-flight OTLP/gRPC exports get this long to finish at shutdown.
 GRPC_GRACE_S = 5.0
+#: Queued rows get this long to reach storage at shutdown; the rest waits in the log.
+DRAIN_S = 10.0
 
 
-async def _main(store_dir: str, otlp_grpc: Addr, api: Addr) -> int:
+@dataclass(frozen=True)
+class CollectorOptions:
+    store: str
+    otlp_grpc: Addr
+    otlp_http: Addr | None
+    api: Addr
+    wal_dir: str | None = None  # default: <store>/wal
+    wal_max_bytes: int = MAX_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    ttl_days: int = 0
+
+
+async def _main(opts: CollectorOptions) -> int:
     started = time.time()
     state: dict = {"store": None, "pipeline": None}
 
     def stats() -> dict:
         p = state["pipeline"]
-        out = {"uptime_s": round(time.time() - started, 1), "store": store_dir}
+        out = {"uptime_s": round(time.time() - started, 1), "store": opts.store}
         if p is not None:
-            out["spans"] = {**asdict(p.stats), "queued": p.queued}
+            out["pipeline"] = _selfmetrics.snapshot(p)
         return out
 
-    api_handler = QueryAPI(None, stats)
-    listeners = await trio.open_tcp_listeners(api.port, host=api.host)
-    bound = listeners[0].socket.getsockname()
-    api_url = f"http://{api.host}:{bound[1]}"
+    api_handler = QueryAPI(None, stats, lambda: _selfmetrics.prometheus(state["pipeline"], time.time() - started))
+    listeners = await trio.open_tcp_listeners(opts.api.port, host=opts.api.host)
+    api_url = f"http://{opts.api.host}:{listeners[0].socket.getsockname()[1]}"
+    http_listeners = []
+    if opts.otlp_http is not None:
+        http_listeners = await trio.open_tcp_listeners(opts.otlp_http.port, host=opts.otlp_http.host)
     server = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_http, listeners, api_handler)
             try:
-                store = await trio.to_thread.run_sync(EmbeddedStore, store_dir)
+                store = await trio.to_thread.run_sync(EmbeddedStore, opts.store)
             except StoreBusy as exc:
                 where = f"; its query API is {exc.api_url}" if exc.api_url else ""
                 print(f"tracemesh collector: {exc}{where}", file=sys.stderr)
                 nursery.cancel_scope.cancel()
                 return 1
             state["store"] = store
-            await trio.to_thread.run_sync(store.ensure_schema)
+            applied = await trio.to_thread.run_sync(store.ensure_schema, SchemaOptions(ttl_days=opts.ttl_days))
+            if applied:
+                log.info("schema migrations applied: %s", ", ".join(map(str, applied)))
             store.announce(api_url)
-            pipeline = state["pipeline"] = SpanPipeline(store.insert_spans)
-            server, port = start_grpc(str(otlp_grpc), pipeline)
+            wal = await trio.to_thread.run_sync(
+                lambda: WAL(opts.wal_dir or f"{opts.store}/wal", max_bytes=opts.wal_max_bytes))
+            pipeline = state["pipeline"] = Pipeline(wal, store.insert_rows, decode_record)
+            server, port = start_grpc(str(opts.otlp_grpc), pipeline, max_message=opts.max_message_bytes)
+            otlp_http = OTLPHttp(pipeline, opts.max_message_bytes)
+            where_http = ""
+            if http_listeners:
+                await nursery.start(serve_http, http_listeners, otlp_http)
+                otlp_http.ready = True
+                where_http = f", OTLP/HTTP on {opts.otlp_http.host}:{http_listeners[0].socket.getsockname()[1]}"
             api_handler.store = store
             api_handler.ready = True
-            print(f"tracemesh collector: OTLP/gRPC on {otlp_grpc.host}:{port}, query API on {api_url}, "
-                  f"store {store_dir}", flush=True)
+            print(f"tracemesh collector: OTLP/gRPC on {opts.otlp_grpc.host}:{port}{where_http}, "
+                  f"query API on {api_url}, store {opts.store}", flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("got %s; shutting down", signal.Signals(signum).name)
                     break
             api_handler.ready = False
+            otlp_http.ready = False
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             if server is not None:
                 await trio.to_thread.run_sync(lambda: server.stop(GRPC_GRACE_S).wait())
-            if state["pipeline"] is not None:
-                await trio.to_thread.run_sync(state["pipeline"].close)
-                s = state["pipeline"].stats
-                print(f"tracemesh collector: stored {s.stored} spans, rejected {s.rejected}, "
-                      f"refused {s.refused}", flush=True)
+            p = state["pipeline"]
+            if p is not None:
+                await trio.to_thread.run_sync(p.close, DRAIN_S)
+                s = p.stats
+                print(f"tracemesh collector: stored {s.stored_rows} rows, rejected {s.rejected_rows}, "
+                      f"refused {s.refused_exports} exports, {len(p._pending)} records left in the log",
+                      flush=True)
             if state["store"] is not None:
                 state["store"].close()
     return 0
 
 
-def serve(store: str, otlp_grpc: Addr, api: Addr) -> int:
+def serve(opts: CollectorOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return trio.run(_main, store, otlp_grpc, api)
+        return trio.run(_main, opts)
     except OSError as exc:
         print(f"tracemesh collector: {exc}", file=sys.stderr)
         return 1
+
+
+def status(api: str) -> int:
+    """``tracemesh collector status``: the running collector's numbers, for people."""
+    import json
+    import urllib.request
+
+    base = api if "://" in api else f"http://{api}"
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}/api/stats", timeout=10) as r:
+            st = json.load(r)
+    except OSError as exc:
+        print(f"tracemesh collector status: cannot reach {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    p = st.get("pipeline")
+    print(f"collector at {base}: up {st['uptime_s']:.0f}s, store {st['store']}")
+    if not p:
+        print("  starting (store not open yet)")
+        return 0
+    print(f"  storage     {'up' if p['storage_up'] else 'DOWN (retrying; exports are kept in the log)'}")
+    print(f"  received    {p['rows_received']} rows in {p['exports']} exports "
+          f"({p['rows_rejected']} rejected as malformed, {p['exports_refused']} exports pushed back)")
+    print(f"  stored      {p['rows_stored']} rows in {p['inserts']} inserts "
+          f"(last {p['last_insert_ms']:.1f} ms, {p['insert_errors']} failed)")
+    for table, n in sorted(p["rows_stored_by_table"].items()):
+        print(f"    {table:28s} {n}")
+    print(f"  waiting     {p['rows_queued']} rows; {p['records_spooled']} exports only in the log")
+    print(f"  log         {p['wal_bytes']} bytes, {p['wal_syncs']} group commits")
+    return 0

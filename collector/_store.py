@@ -63,6 +63,10 @@ def _param(value: str) -> str:
     return value.translate(_PARAM_ESCAPES)
 
 
+def _sql_quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def _chdb_message(exc: Exception) -> str:
     msg = str(exc).strip()
     # chdb wraps ClickHouse's message; keep ClickHouse's words, drop the stack noise
@@ -148,9 +152,38 @@ class EmbeddedStore:
             except Exception as exc:
                 raise QueryError(_chdb_message(exc)) from None
 
-    def ensure_schema(self, opts: SchemaOptions = SchemaOptions()) -> None:
-        for ddl in trace_tables(opts):
-            self.execute(ddl)
+    def ensure_schema(self, opts: SchemaOptions = SchemaOptions()) -> list[int]:
+        """Apply the migrations this store has not seen; return the versions applied."""
+        from tracemesh.collector._migrations import migrate
+
+        return migrate(self.execute, self.query_write, opts)
+
+    def insert_rows(self, table: str, batch, token: str = "") -> int:
+        """Insert *batch* (SpanColumns or any object with ``.arrow()``) into *table* in one columnar
+        INSERT. With *token*, ClickHouse drops the insert if one with the same token already
+        arrived (replay after a crash)."""
+        n = len(batch)
+        if not n:
+            return 0
+        arrow = spans_to_arrow(batch) if isinstance(batch, SpanColumns) else batch.arrow()
+        data = _arrow_stream(arrow)
+        settings = f" SETTINGS insert_deduplication_token = '{_sql_quote(token)}'" if token else ""
+        with self._write_lock:
+            try:
+                with self._writer.send_insert(f"INSERT INTO {table}{settings}", "ArrowStream") as ins:
+                    ins.append(data)
+                    ins.finish()
+            except Exception as exc:
+                raise QueryError(_chdb_message(exc)) from None
+        return n
+
+    def query_write(self, sql: str, fmt: str = "TSVRaw") -> bytes:
+        """Run *sql* on the writer session (schema management; never with user input)."""
+        with self._write_lock:
+            try:
+                return self._writer.query(sql, fmt).bytes()
+            except Exception as exc:
+                raise QueryError(_chdb_message(exc)) from None
 
     def insert_spans(self, cols: SpanColumns) -> int:
         """Insert *cols* in one columnar INSERT; return the rows written."""

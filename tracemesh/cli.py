@@ -11,6 +11,7 @@ import sys
 from tracemesh.net import parse_addr
 
 DEFAULT_OTLP_GRPC = "127.0.0.1:4317"
+DEFAULT_OTLP_HTTP = "127.0.0.1:4318"
 DEFAULT_API = "127.0.0.1:7070"  # collector query API; 7070 is unassigned and easy to remember
 DEFAULT_STORE = "tracemesh-data"
 
@@ -22,14 +23,35 @@ def _addr(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tracemesh", description="A tracing-first observability service mesh.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("collector", help="run the collector: OTLP receiver, ClickHouse store, query API")
+    c = sub.add_parser("collector", help="run the collector (OTLP receivers, ClickHouse store, query API), or `collector status`")
+    c.add_argument("action", nargs="?", choices=("run", "status"), default="run",
+                   help="run (default), or status: the numbers of the collector at --api")
     c.add_argument("--store", default=DEFAULT_STORE, help="embedded ClickHouse (chdb) data directory (default: %(default)s)")
     c.add_argument("--otlp-grpc", type=_addr, default=DEFAULT_OTLP_GRPC, help="OTLP/gRPC listen address (default: %(default)s)")
-    c.add_argument("--api", type=_addr, default=DEFAULT_API, help="HTTP query API listen address (default: %(default)s)")
+    c.add_argument("--otlp-http", default=DEFAULT_OTLP_HTTP,
+                   help="OTLP/HTTP listen address, or 'off' (default: %(default)s)")
+    c.add_argument("--api", default=None,
+                   help=f"query API listen address (default: {DEFAULT_API}); for status: its URL")
+    c.add_argument("--wal", default=None, help="write-ahead log directory (default: STORE/wal)")
+    c.add_argument("--wal-max-mb", type=_positive_int, default=1024,
+                   help="log size past which exports are pushed back (default: %(default)s)")
+    c.add_argument("--max-message-mb", type=_positive_int, default=16,
+                   help="largest OTLP message accepted, after decompression (default: %(default)s)")
+    c.add_argument("--ttl-days", type=int, default=0, help="keep data this many days; 0 keeps it (default: %(default)s)")
 
     s = sub.add_parser("sidecar", help="run a sidecar proxy beside one workload")
     s.add_argument("--service", required=True, help="the workload's service name")
@@ -57,9 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "collector":
-        from tracemesh.collector import serve
+        from tracemesh.collector import CollectorOptions, serve, status
 
-        return serve(store=args.store, otlp_grpc=args.otlp_grpc, api=args.api)
+        if args.action == "status":
+            return status(args.api or f"http://{DEFAULT_API}")
+        try:
+            api = parse_addr(args.api or DEFAULT_API)
+            otlp_http = None if args.otlp_http == "off" else parse_addr(args.otlp_http)
+        except ValueError as exc:
+            build_parser().error(str(exc))
+        return serve(CollectorOptions(
+            store=args.store, otlp_grpc=args.otlp_grpc, otlp_http=otlp_http, api=api, wal_dir=args.wal,
+            wal_max_bytes=args.wal_max_mb * 1024 * 1024, max_message_bytes=args.max_message_mb * 1024 * 1024,
+            ttl_days=args.ttl_days))
     if args.command == "sidecar":
         from tracemesh.proxy import serve
 

@@ -74,6 +74,7 @@ class LocalMesh:
     def __post_init__(self) -> None:
         self.otlp = Addr(self.host, free_port(self.host))
         self.api = Addr(self.host, free_port(self.host))
+        self.otlp_http = Addr(self.host, free_port(self.host))
         self.workloads = [
             Workload(s, v, *(Addr(self.host, free_port(self.host)) for _ in range(3))) for s, v in WORKLOADS
         ]
@@ -125,7 +126,8 @@ class LocalMesh:
         progress("starting collector")
         self._spawn(
             "collector",
-            ["-m", "tracemesh", "collector", "--store", str(self.store), "--otlp-grpc", str(self.otlp), "--api", str(self.api)],
+            ["-m", "tracemesh", "collector", "--store", str(self.store), "--otlp-grpc", str(self.otlp), "--otlp-http", str(self.otlp_http),
+             "--api", str(self.api)],
         )
         for w in self.workloads:
             self._spawn(

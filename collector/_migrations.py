@@ -1,0 +1,74 @@
+"""Versioned, idempotent schema migrations.
+
+Each migration has a number and a list of statements, every one of them safe to run twice
+(``IF NOT EXISTS``, ``MODIFY SETTING``). The versions applied are recorded in
+``tracemesh_schema_migrations``; a collector applies, in order, those not recorded there. Because
+each statement is idempotent, two collectors starting at once on one ClickHouse server may both run
+a migration and both record it: the end state is the same, and the record is deduplicated on read
+(``SELECT DISTINCT version``). On the embedded store only one process can open the data directory.
+
+Numbers are forever: a released migration is never edited, only followed by a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from tracemesh.collector._schema import SchemaOptions, trace_tables
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_TABLE = "tracemesh_schema_migrations"
+#: Blocks whose insert token ClickHouse remembers per table: replay after a crash re-sends at most
+#: a few batches, so 1000 is ample while cheap (tokens live in ZooKeeper-less MergeTree metadata).
+DEDUP_WINDOW = 1000
+TRACE_INSERT_TABLES = ("otel_traces",)
+
+
+def _dedup(tables) -> list[str]:
+    return [f"ALTER TABLE {t} MODIFY SETTING non_replicated_deduplication_window = {DEDUP_WINDOW}" for t in tables]
+
+
+def _metrics_and_logs(opts: SchemaOptions) -> list[str]:
+    from tracemesh.collector import _schema
+
+    ddl = _schema.metric_tables(opts) + _schema.log_tables(opts)
+    tables = ["otel_metrics_gauge", "otel_metrics_sum", "otel_metrics_histogram", "otel_metrics_exp_histogram",
+              "otel_metrics_summary", "otel_logs"]
+    return ddl + _dedup(tables)
+
+
+#: (version, description, statements for the options)
+MIGRATIONS: list[tuple[int, str, Callable[[SchemaOptions], list[str]]]] = [
+    (1, "traces: otel_traces, otel_traces_trace_id_ts and its materialized view", trace_tables),
+    (2, "traces: insert deduplication window, for idempotent replay of the write-ahead log",
+     lambda opts: _dedup(TRACE_INSERT_TABLES)),
+]
+
+
+def applied_versions(query: Callable[[str], bytes]) -> set[int]:
+    out = query(f"SELECT DISTINCT version FROM {MIGRATIONS_TABLE}")
+    return {int(x) for x in out.decode().split()}
+
+
+def migrate(execute: Callable[[str], None], query: Callable[[str], bytes], opts: SchemaOptions = SchemaOptions(),
+            migrations=None) -> list[int]:
+    """Apply pending migrations in order; return the versions applied now."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    execute(f"""CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
+    version UInt32,
+    description String,
+    applied_at DateTime DEFAULT now()
+) ENGINE = MergeTree ORDER BY version""")
+    done = applied_versions(query)
+    applied = []
+    for version, description, statements in migrations:
+        if version in done:
+            continue
+        log.info("schema migration %d: %s", version, description)
+        for sql in statements(opts):
+            execute(sql)
+        execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, description) VALUES ({version}, '{description.replace(chr(39), '')}')")
+        applied.append(version)
+    return applied

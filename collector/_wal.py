@@ -1,0 +1,272 @@
+"""The collector's write-ahead log: an export is acknowledged only once it is here, on disk.
+
+Records are appended to segment files ``<first-seq>.wal`` (rotated at :data:`SEGMENT_BYTES`),
+each ``length u32 | crc32 u32 | seq u64 | kind u8 | payload``, the CRC covering seq, kind and
+payload. Appenders share fsyncs (group commit): the first one to wait becomes the leader, syncs
+everything written so far with the lock released, and wakes the others; under load one
+``fdatasync`` acknowledges many exports.
+
+Opening scans the segments; a torn or corrupt tail (a crash mid-write) is cut off at the last
+whole record, so every record that was acknowledged (synced) survives and nothing half-written is
+replayed. Segments whose records are all stored are deleted by :meth:`WAL.release`.
+
+Thread-safe. Not async: receivers run in grpcio's threads and in worker threads of Trio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+#: Segments of this size keep deletion granular without many files.
+SEGMENT_BYTES = 64 * 1024 * 1024
+#: Beyond this many bytes not yet stored, appends are refused and receivers push back.
+MAX_BYTES = 1024 * 1024 * 1024
+#: A single record larger than this is refused (the receivers' message limit is lower).
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+_HEADER = struct.Struct("<IIQB")
+_SUFFIX = ".wal"
+
+
+class WALFull(Exception):
+    """The log holds :data:`MAX_BYTES` not yet stored; the sender must retry later."""
+
+
+class WALClosed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Loc:
+    segment: Path
+    offset: int
+    length: int  # payload length
+
+
+def _crc(seq: int, kind: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<QB", seq, kind)))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WAL:
+    def __init__(self, directory: str | os.PathLike, *, segment_bytes: int = SEGMENT_BYTES,
+                 max_bytes: int = MAX_BYTES, sync: bool = True) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._segment_bytes = segment_bytes
+        self._max_bytes = max_bytes
+        self._sync = sync
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._index: dict[int, _Loc] = {}
+        self._segments: list[tuple[int, Path]] = []  # (first seq, path), oldest first
+        self._bytes = 0
+        self.truncated_bytes = 0  # cut off a torn tail at open
+        self.epoch = self._epoch()
+        self._recover()
+        self._syncing = False
+        self._closed = False
+        self.durable = self.next_seq - 1
+        self.syncs = 0
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def _epoch(self) -> str:
+        """A random id for this log's life: with the sequence numbers it makes insert tokens unique
+        even when the log directory is deleted and a new one starts again from 1."""
+        path = self.dir / "epoch"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            epoch = os.urandom(8).hex()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(epoch)
+            os.replace(tmp, path)
+            _fsync_dir(self.dir)
+            return epoch
+
+    def _recover(self) -> None:
+        files = sorted(self.dir.glob("*" + _SUFFIX), key=lambda p: int(p.stem))
+        next_seq = 1
+        for i, path in enumerate(files):
+            # an empty segment is named by the next sequence number: keep counting from there
+            next_seq = max(next_seq, int(path.stem))
+            valid_end = 0
+            with open(path, "rb") as f:
+                data = f.read()
+            pos = 0
+            while pos + _HEADER.size <= len(data):
+                length, crc, seq, kind = _HEADER.unpack_from(data, pos)
+                end = pos + _HEADER.size + length
+                if length > MAX_RECORD_BYTES or end > len(data):
+                    break
+                payload = data[pos + _HEADER.size:end]
+                if _crc(seq, kind, payload) != crc or seq < next_seq:
+                    break
+                self._index[seq] = _Loc(path, pos + _HEADER.size, length)
+                next_seq = seq + 1
+                pos = valid_end = end
+            if valid_end < len(data):
+                cut = len(data) - valid_end
+                self.truncated_bytes += cut
+                if i < len(files) - 1:
+                    log.error("WAL segment %s is corrupt after byte %d; %d bytes cut", path, valid_end, cut)
+                else:
+                    log.warning("WAL: cut a torn tail of %d bytes from %s (a crash mid-write)", cut, path)
+                with open(path, "r+b") as f:
+                    f.truncate(valid_end)
+                    os.fsync(f.fileno())
+            self._segments.append((int(path.stem), path))
+            self._bytes += valid_end
+        self.next_seq = next_seq
+        if self._segments:
+            path = self._segments[-1][1]
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self._seg_size = os.path.getsize(path)
+        else:
+            self._open_segment(next_seq)
+
+    def _open_segment(self, first_seq: int) -> None:
+        path = self.dir / f"{first_seq:020d}{_SUFFIX}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._seg_size = 0
+        self._segments.append((first_seq, path))
+        if self._sync:
+            _fsync_dir(self.dir)
+
+    # -- appending ---------------------------------------------------------------------------
+
+    @property
+    def bytes(self) -> int:
+        """Bytes on disk in segments not yet released."""
+        return self._bytes
+
+    def append(self, kind: int, payload: bytes, on_assigned=None) -> int:
+        """Write one record and return its sequence number once it is on disk.
+
+        *on_assigned(seq)* runs under the log's lock right after the record is written, so callers
+        see records in sequence order. Raises WALFull (nothing written) or WALClosed.
+        """
+        if len(payload) > MAX_RECORD_BYTES:
+            raise ValueError(f"record of {len(payload)} bytes is larger than {MAX_RECORD_BYTES}")
+        with self._lock:
+            if self._closed:
+                raise WALClosed("the write-ahead log is closed")
+            if self._bytes + len(payload) > self._max_bytes and self._bytes > 0:
+                raise WALFull(f"the write-ahead log holds {self._bytes} bytes not yet stored (limit {self._max_bytes})")
+            seq = self.next_seq
+            rec = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind) + payload
+            if self._seg_size > 0 and self._seg_size + len(rec) > self._segment_bytes:
+                self._rotate(seq)
+            offset = self._seg_size
+            view = memoryview(rec)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self.next_seq = seq + 1
+            self._seg_size += len(rec)
+            self._bytes += len(rec)
+            self._index[seq] = _Loc(self._segments[-1][1], offset + _HEADER.size, len(payload))
+            if on_assigned is not None:
+                on_assigned(seq)
+            self._wait_durable(seq)
+        return seq
+
+    def _wait_durable(self, seq: int) -> None:
+        # called with the lock held
+        while self.durable < seq:
+            if self._syncing:
+                self._cond.wait()
+                continue
+            self._syncing = True
+            target, fd = self.next_seq - 1, self._fd
+            self._lock.release()
+            try:
+                if self._sync:
+                    os.fdatasync(fd)
+            finally:
+                self._lock.acquire()
+                self._syncing = False
+                self.syncs += 1
+            self.durable = max(self.durable, target)
+            self._cond.notify_all()
+
+    def _rotate(self, next_first_seq: int) -> None:
+        while self._syncing:  # never close the file a leader is syncing
+            self._cond.wait()
+        if self._sync:
+            os.fdatasync(self._fd)
+        self.durable = self.next_seq - 1
+        os.close(self._fd)
+        self._open_segment(next_first_seq)
+
+    # -- reading and releasing ---------------------------------------------------------------
+
+    def read(self, seq: int) -> tuple[int, bytes]:
+        """(kind, payload) of record *seq*; KeyError when released or never written."""
+        loc = self._index[seq]
+        with open(loc.segment, "rb") as f:
+            f.seek(loc.offset - _HEADER.size)
+            head = f.read(_HEADER.size)
+            payload = f.read(loc.length)
+        length, crc, rseq, kind = _HEADER.unpack(head)
+        if rseq != seq or _crc(seq, kind, payload) != crc:
+            raise IOError(f"WAL record {seq} in {loc.segment} fails its checksum")
+        return kind, payload
+
+    def seqs(self, start: int = 1) -> Iterator[int]:
+        """Sequence numbers still held, from *start*, in order."""
+        return iter(sorted(s for s in self._index if s >= start))
+
+    def release(self, through_seq: int) -> int:
+        """Forget records up to *through_seq* (stored); delete segments that hold nothing else."""
+        freed = 0
+        with self._lock:
+            for s in [s for s in self._index if s <= through_seq]:
+                del self._index[s]
+            while len(self._segments) > 1 and self._segments[1][0] <= through_seq + 1:
+                _, path = self._segments.pop(0)
+                try:
+                    size = path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    size = 0
+                freed += size
+            self._bytes -= freed
+            while self._syncing:
+                self._cond.wait()
+            if len(self._segments) == 1 and not self._index and self._seg_size > 0 and self.durable == self.next_seq - 1:
+                # everything is stored: restart the active segment empty rather than let it grow
+                os.close(self._fd)
+                _, path = self._segments.pop()
+                path.unlink(missing_ok=True)
+                self._bytes -= self._seg_size
+                freed += self._seg_size
+                self._open_segment(self.next_seq)
+        return freed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._syncing:
+                self._cond.wait()
+            if self._sync:
+                os.fdatasync(self._fd)
+            os.close(self._fd)
