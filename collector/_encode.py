@@ -20,6 +20,7 @@ _KINDS = ("Unspecified", "Internal", "Server", "Client", "Producer", "Consumer")
 _STATUS = ("Unset", "Ok", "Error")
 #: At most this many distinct rejection reasons are quoted back to the sender.
 MAX_REASONS = 3
+_GO_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def format_double(v: float) -> str:
@@ -46,7 +47,10 @@ def _json_value(v):
         return v.int_value
     if which == "double_value":
         d = v.double_value
-        return d if math.isfinite(d) else format_double(d)
+        if not math.isfinite(d):
+            return format_double(d)
+        # Go's encoding/json writes 1.0 as 1 (Python's json would write 1.0)
+        return int(d) if d.is_integer() and abs(d) < 1e21 else d
     if which == "bytes_value":
         return base64.b64encode(v.bytes_value).decode()
     if which == "array_value":
@@ -70,7 +74,10 @@ def value_str(v) -> str:
         return base64.b64encode(v.bytes_value).decode()
     if which is None:
         return ""
-    return json.dumps(_json_value(v), separators=(",", ":"), ensure_ascii=False)
+    # as Go's json.Marshal: map keys sorted, HTML-sensitive characters and U+2028/9 escaped
+    # (outside strings JSON never has these characters, so replacing them on the text is exact)
+    text = json.dumps(_json_value(v), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return text.translate(_GO_JSON_ESCAPES)
 
 
 def attrs(kvs) -> dict[str, str]:

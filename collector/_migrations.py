@@ -44,6 +44,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[SchemaOptions], list[str]]]] = [
     (1, "traces: otel_traces, otel_traces_trace_id_ts and its materialized view", trace_tables),
     (2, "traces: insert deduplication window, for idempotent replay of the write-ahead log",
      lambda opts: _dedup(TRACE_INSERT_TABLES)),
+    (3, "metrics and logs: otel_metrics_* and otel_logs, with the deduplication window", _metrics_and_logs),
 ]
 
 

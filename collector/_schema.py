@@ -92,3 +92,173 @@ FROM otel_traces
 WHERE TraceId != ''
 GROUP BY TraceId""",
     ]
+
+
+# -- metrics and logs -------------------------------------------------------------------------
+# As the exporter's internal/sqltemplates/metrics_*_table.sql and logs_table.sql where REFERENCE.md
+# pins them: metric times DateTime64(9); otel_logs with TimestampTime and both the token and the
+# ngram Body index (added upstream in Oct 2025). Exporter versions differ here (some templates use
+# DateTime metric times, the newest drop TimestampTime); Grafana's plugin reads either.
+
+METRICS_GAUGE_TABLE = "otel_metrics_gauge"
+METRICS_SUM_TABLE = "otel_metrics_sum"
+METRICS_HISTOGRAM_TABLE = "otel_metrics_histogram"
+METRICS_EXP_HISTOGRAM_TABLE = "otel_metrics_exp_histogram"
+METRICS_SUMMARY_TABLE = "otel_metrics_summary"
+LOGS_TABLE = "otel_logs"
+
+_METRIC_COMMON_COLUMNS = (
+    "ResourceAttributes", "ResourceSchemaUrl", "ScopeName", "ScopeVersion", "ScopeAttributes",
+    "ScopeDroppedAttrCount", "ScopeSchemaUrl", "ServiceName", "MetricName", "MetricDescription", "MetricUnit",
+    "Attributes", "StartTimeUnix", "TimeUnix",
+)
+_EXEMPLAR_COLUMNS = (
+    "Exemplars.FilteredAttributes", "Exemplars.TimeUnix", "Exemplars.Value", "Exemplars.SpanId", "Exemplars.TraceId",
+)
+
+#: Columns we insert into each metrics table, in table order.
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    METRICS_GAUGE_TABLE: _METRIC_COMMON_COLUMNS + ("Value", "Flags") + _EXEMPLAR_COLUMNS,
+    METRICS_SUM_TABLE: _METRIC_COMMON_COLUMNS + ("Value", "Flags") + _EXEMPLAR_COLUMNS
+    + ("AggregationTemporality", "IsMonotonic"),
+    METRICS_HISTOGRAM_TABLE: _METRIC_COMMON_COLUMNS + ("Count", "Sum", "BucketCounts", "ExplicitBounds")
+    + _EXEMPLAR_COLUMNS + ("Flags", "Min", "Max", "AggregationTemporality"),
+    METRICS_EXP_HISTOGRAM_TABLE: _METRIC_COMMON_COLUMNS
+    + ("Count", "Sum", "Scale", "ZeroCount", "PositiveOffset", "PositiveBucketCounts", "NegativeOffset",
+       "NegativeBucketCounts") + _EXEMPLAR_COLUMNS + ("Flags", "Min", "Max", "AggregationTemporality"),
+    METRICS_SUMMARY_TABLE: _METRIC_COMMON_COLUMNS
+    + ("Count", "Sum", "ValueAtQuantiles.Quantile", "ValueAtQuantiles.Value", "Flags"),
+}
+
+#: Columns we insert into ``otel_logs``, in table order; ``TimestampTime`` is left to its DEFAULT.
+LOG_COLUMNS = (
+    "Timestamp", "TraceId", "SpanId", "TraceFlags", "SeverityText", "SeverityNumber", "ServiceName", "Body",
+    "ResourceSchemaUrl", "ResourceAttributes", "ScopeSchemaUrl", "ScopeName", "ScopeVersion", "ScopeAttributes",
+    "LogAttributes",
+)
+
+_METRIC_HEAD = """    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ResourceSchemaUrl String CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeDroppedAttrCount UInt32 CODEC(ZSTD(1)),
+    ScopeSchemaUrl String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    MetricName String CODEC(ZSTD(1)),
+    MetricDescription String CODEC(ZSTD(1)),
+    MetricUnit String CODEC(ZSTD(1)),
+    Attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    StartTimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+"""
+
+_METRIC_EXEMPLARS = """    Exemplars Nested (
+        FilteredAttributes Map(LowCardinality(String), String),
+        TimeUnix DateTime64(9),
+        Value Float64,
+        SpanId String,
+        TraceId String
+    ) CODEC(ZSTD(1)),
+"""
+
+_METRIC_INDEXES = """    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1"""
+
+_METRIC_BODIES = {
+    METRICS_GAUGE_TABLE: """    Value Float64 CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+""" + _METRIC_EXEMPLARS,
+    METRICS_SUM_TABLE: """    Value Float64 CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+""" + _METRIC_EXEMPLARS + """    AggregationTemporality Int32 CODEC(ZSTD(1)),
+    IsMonotonic Boolean CODEC(Delta, ZSTD(1)),
+""",
+    METRICS_HISTOGRAM_TABLE: """    Count UInt64 CODEC(Delta, ZSTD(1)),
+    Sum Float64 CODEC(ZSTD(1)),
+    BucketCounts Array(UInt64) CODEC(ZSTD(1)),
+    ExplicitBounds Array(Float64) CODEC(ZSTD(1)),
+""" + _METRIC_EXEMPLARS + """    Flags UInt32 CODEC(ZSTD(1)),
+    Min Float64 CODEC(ZSTD(1)),
+    Max Float64 CODEC(ZSTD(1)),
+    AggregationTemporality Int32 CODEC(ZSTD(1)),
+""",
+    METRICS_EXP_HISTOGRAM_TABLE: """    Count UInt64 CODEC(Delta, ZSTD(1)),
+    Sum Float64 CODEC(ZSTD(1)),
+    Scale Int32 CODEC(ZSTD(1)),
+    ZeroCount UInt64 CODEC(ZSTD(1)),
+    PositiveOffset Int32 CODEC(ZSTD(1)),
+    PositiveBucketCounts Array(UInt64) CODEC(ZSTD(1)),
+    NegativeOffset Int32 CODEC(ZSTD(1)),
+    NegativeBucketCounts Array(UInt64) CODEC(ZSTD(1)),
+""" + _METRIC_EXEMPLARS + """    Flags UInt32 CODEC(ZSTD(1)),
+    Min Float64 CODEC(ZSTD(1)),
+    Max Float64 CODEC(ZSTD(1)),
+    AggregationTemporality Int32 CODEC(ZSTD(1)),
+""",
+    METRICS_SUMMARY_TABLE: """    Count UInt64 CODEC(Delta, ZSTD(1)),
+    Sum Float64 CODEC(ZSTD(1)),
+    ValueAtQuantiles Nested (
+        Quantile Float64,
+        Value Float64
+    ) CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+""",
+}
+
+
+def metric_tables(opts: SchemaOptions = SchemaOptions()) -> list[str]:
+    """DDL for the five ``otel_metrics_*`` tables, idempotent."""
+    # The exporter puts its TTL between ENGINE and PARTITION BY here; ClickHouse takes either order.
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {table} (
+{_METRIC_HEAD}{body}{_METRIC_INDEXES}
+) ENGINE = {opts.engine}
+{opts.ttl('toDateTime(TimeUnix)')}
+PARTITION BY toDate(TimeUnix)
+ORDER BY (ServiceName, MetricName, Attributes, toUnixTimestamp64Nano(TimeUnix))
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1"""
+        for table, body in _METRIC_BODIES.items()
+    ]
+
+
+def log_tables(opts: SchemaOptions = SchemaOptions()) -> list[str]:
+    """DDL for ``otel_logs``, idempotent."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS otel_logs (
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TimestampTime DateTime DEFAULT toDateTime(Timestamp),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    TraceFlags UInt8,
+    SeverityText LowCardinality(String) CODEC(ZSTD(1)),
+    SeverityNumber UInt8,
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    Body String CODEC(ZSTD(1)),
+    ResourceSchemaUrl LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeSchemaUrl LowCardinality(String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion LowCardinality(String) CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    LogAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_log_attr_key mapKeys(LogAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_log_attr_value mapValues(LogAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_body Body TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 8,
+    INDEX idx_body_ngrambf Body TYPE ngrambf_v1(4, 32768, 3, 0) GRANULARITY 1
+) ENGINE = {opts.engine}
+PARTITION BY toDate(TimestampTime)
+PRIMARY KEY (ServiceName, TimestampTime)
+ORDER BY (ServiceName, TimestampTime, Timestamp)
+{opts.ttl('TimestampTime')}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1""",
+    ]

@@ -203,7 +203,9 @@ class EmbeddedStore:
 
     def _format_query(self, sql: str) -> str:
         try:
-            res = self._reader.query("SELECT formatQuery({q:String})", "TSVRaw", params={"q": _param(sql)})
+            # a literal, not a query parameter: chdb keeps parameters on the session, so another
+            # thread's query on it drops them ("Substitution `q` is not set") under concurrent API use
+            res = self._reader.query(f"SELECT formatQuery('{_sql_quote(sql)}')", "TSVRaw")
         except Exception as exc:
             raise QueryError(_chdb_message(exc)) from None
         return res.bytes().decode()

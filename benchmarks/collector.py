@@ -1,0 +1,288 @@
+"""Collector ingest benchmark: OTLP/gRPC exporters -> durable in the embedded store.
+
+Concurrent senders (separate processes, raw grpcio with pre-built requests, so the client's cost
+does not land on the collector's CPU) export realistic spans: ~20 span attributes, resource
+attributes, one event. The run ends when the target count is stored. The collector's CPU time
+(all its threads, chdb's included) comes from /proc. The baseline, in the same run: the same rows,
+already in Arrow form, inserted straight into the same table in a fresh chdb: the cost of storage
+alone, the ceiling for a collector.
+
+    python benchmarks/collector.py [--quick] [--spans N] [--senders N]
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+SPANS_PER_EXPORT = 500
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def build_requests(n_requests: int, seed: int = 1) -> list[bytes]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+    rnd = random.Random(seed)
+
+    def kv(k, v):
+        if isinstance(v, int):
+            return KeyValue(key=k, value=AnyValue(int_value=v))
+        return KeyValue(key=k, value=AnyValue(string_value=v))
+
+    services = ["frontend", "catalog", "pricing", "checkout", "cart", "auth"]
+    out = []
+    for r in range(n_requests):
+        svc = services[r % len(services)]
+        spans = []
+        trace_id = rnd.randbytes(16)
+        t0 = time.time_ns()
+        for i in range(SPANS_PER_EXPORT):
+            if i % 10 == 0:
+                trace_id = rnd.randbytes(16)
+            start = t0 + i * 1000
+            status = 500 if rnd.random() < 0.02 else 200
+            attrs = [
+                kv("http.request.method", rnd.choice(["GET", "POST", "PUT"])), kv("url.path", f"/api/v1/items/{rnd.randrange(10000)}"),
+                kv("url.scheme", "http"), kv("url.query", f"page={rnd.randrange(50)}"),
+                kv("http.response.status_code", status), kv("server.address", f"{svc}.default.svc.cluster.local"),
+                kv("server.port", 8080), kv("network.protocol.version", "1.1"), kv("user_agent.original", "python-requests/2.32"),
+                kv("client.address", f"10.0.{rnd.randrange(255)}.{rnd.randrange(255)}"), kv("http.request.body.size", rnd.randrange(5000)),
+                kv("http.response.body.size", rnd.randrange(50000)), kv("mesh.direction", "inbound"),
+                kv("mesh.source.service", rnd.choice(services)), kv("mesh.source.version", "v1"),
+                kv("mesh.destination.service", svc), kv("mesh.destination.version", rnd.choice(["v1", "v2"])),
+                kv("mesh.response_flags", "-"), kv("mesh.upstream.endpoint", f"10.1.0.{rnd.randrange(255)}:8080"),
+                kv("guid:x-request-id", rnd.randbytes(16).hex()),
+            ]
+            spans.append(Span(
+                trace_id=trace_id, span_id=rnd.randbytes(8), parent_span_id=rnd.randbytes(8) if i % 10 else b"",
+                name=f"GET {svc}", kind=2, start_time_unix_nano=start, end_time_unix_nano=start + rnd.randrange(10**5, 10**8),
+                attributes=attrs, events=[Span.Event(time_unix_nano=start + 500, name="request.sent",
+                                                     attributes=[kv("bytes", rnd.randrange(5000))])],
+                status=Status(code=2 if status >= 500 else 0),
+            ))
+        res = Resource(attributes=[kv("service.name", svc), kv("service.version", "v1"), kv("service.namespace", "shop"),
+                                   kv("host.name", f"node-{r % 7}"), kv("k8s.pod.name", f"{svc}-7d9f8-{r % 13}"),
+                                   kv("telemetry.sdk.name", "opentelemetry"), kv("telemetry.sdk.language", "python")])
+        req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(resource=res, scope_spans=[ScopeSpans(spans=spans)])])
+        out.append(req.SerializeToString())
+    return out
+
+
+def _sender(target: str, payloads: list[bytes], n_exports: int, threads: int, q) -> None:
+    import threading
+
+    import grpc
+
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    export = channel.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
+    lat: list[float] = []
+    errors = [0]
+    counter = iter(range(n_exports))
+    lock = threading.Lock()
+
+    def run():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t = time.perf_counter()
+            try:
+                export(payloads[i % len(payloads)], timeout=30)
+            except grpc.RpcError:
+                errors[0] += 1
+                continue
+            lat.append(time.perf_counter() - t)
+
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    q.put((lat, errors[0]))
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
+
+
+def _rss_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.load(r)
+
+
+def _sql(api: str, sql: str):
+    req = urllib.request.Request(f"{api}/api/sql?format=JSON", data=sql.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)["data"]
+
+
+def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workdir: Path) -> dict:
+    grpc_port, api_port = _free_port(), _free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    log = open(workdir / "collector.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tracemesh", "collector", "--store", str(workdir / "store"),
+                             "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--otlp-http", "off", "--api", f"127.0.0.1:{api_port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/ready", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((workdir / "collector.log").read_text())
+                time.sleep(0.1)
+        cpu0, t0 = _cpu_s(proc.pid), time.perf_counter()
+        q = mp.Queue()
+        per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
+        procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{grpc_port}", payloads, n, 4, q)) for n in per]
+        for p in procs:
+            p.start()
+        target = n_exports * SPANS_PER_EXPORT
+        last_print = 0.0
+        while True:
+            stored = _get(f"{api}/api/stats")["pipeline"]["rows_stored"]
+            now = time.perf_counter()
+            if now - last_print > 2:
+                print(f"  stored {stored}/{target} spans", file=sys.stderr, flush=True)
+                last_print = now
+            if stored >= target:
+                break
+            if now - t0 > (60 if os.environ.get("BENCH_DEBUG") else 600):
+                st = _get(f"{api}/api/stats")
+                raise RuntimeError(f"the collector did not store the spans in time: {st}\n"
+                                   + (workdir / "collector.log").read_text()[-3000:])
+            time.sleep(0.05)
+        wall, cpu = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0
+        lat, errors = [], 0
+        for _ in procs:
+            l, e = q.get()
+            lat += l
+            errors += e
+        for p in procs:
+            p.join()
+        lat.sort()
+        parts = _sql(api, "SELECT sum(bytes_on_disk) AS b, sum(rows) AS r FROM system.parts "
+                          "WHERE table = 'otel_traces' AND active")[0]
+        return {
+            "spans": target, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "spans_per_s": round(target / wall), "spans_per_cpu_s": round(target / cpu),
+            "p50_export_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_export_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
+            "export_errors": errors, "peak_rss_mb": round(_rss_peak_mb(proc.pid), 1),
+            "bytes_per_span": round(int(parts["b"]) / max(int(parts["r"]), 1), 1),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+
+
+_RAW = r'''
+import sys, time, json
+from chdb import session
+sys.path.insert(0, ".")
+from tracemesh.collector._encode import encode_traces
+from tracemesh.collector._schema import trace_tables
+from tracemesh.collector._store import spans_to_arrow, _arrow_stream
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+payloads = [open(p, "rb").read() for p in sys.argv[3:]]
+n_exports, batch = int(sys.argv[2]), 100
+s = session.Session(sys.argv[1])
+for ddl in trace_tables():
+    s.query(ddl)
+streams = []
+for i in range(0, n_exports, batch):  # the rows in Arrow form, as a collector would hand them over
+    from tracemesh.collector._encode import SpanColumns
+    cols = SpanColumns()
+    for j in range(i, min(i + batch, n_exports)):
+        req = ExportTraceServiceRequest(); req.ParseFromString(payloads[j % len(payloads)])
+        encode_traces(req, cols)
+    streams.append((len(cols), _arrow_stream(spans_to_arrow(cols))))
+c0, t0 = time.process_time(), time.perf_counter()
+rows = 0
+for n, data in streams:
+    with s.send_insert("INSERT INTO otel_traces", "ArrowStream") as ins:
+        ins.append(data); ins.finish()
+    rows += n
+cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+print(json.dumps({"rows": rows, "cpu_s": cpu, "wall_s": wall}))
+'''
+
+
+def measure_raw_insert(payloads: list[bytes], n_exports: int, workdir: Path) -> dict:
+    files = []
+    for i, p in enumerate(payloads):
+        f = workdir / f"req{i}.pb"
+        f.write_bytes(p)
+        files.append(str(f))
+    r = subprocess.run([sys.executable, "-c", _RAW, str(workdir / "raw"), str(n_exports), *files],
+                       capture_output=True, text=True, check=True)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"rows": out["rows"], "cpu_s": round(out["cpu_s"], 2), "rows_per_cpu_s": round(out["rows"] / out["cpu_s"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    ap.add_argument("--spans", type=int, default=None, help="spans to store (default 1,000,000; --quick 200,000)")
+    ap.add_argument("--senders", type=int, default=2, help="sender processes, 4 threads each (default 2)")
+    args = ap.parse_args()
+    spans = args.spans or (200_000 if args.quick else 1_000_000)
+    n_exports = max(1, spans // SPANS_PER_EXPORT)
+    print(f"building {min(n_exports, 64)} distinct requests of {SPANS_PER_EXPORT} spans", file=sys.stderr)
+    payloads = build_requests(min(n_exports, 64))
+    with tempfile.TemporaryDirectory(prefix="tracemesh-bench-") as tmp:
+        tmp = Path(tmp)
+        print("baseline: raw chdb insert of the same rows", file=sys.stderr)
+        raw = measure_raw_insert(payloads, n_exports, tmp)
+        print(f"collector: {n_exports} exports over gRPC until stored", file=sys.stderr)
+        ours = measure_collector(payloads, n_exports, args.senders, tmp)
+    result = {
+        "benchmark": "collector", "quick": args.quick, "cpus": os.cpu_count(),
+        "spans_per_cpu_s": ours["spans_per_cpu_s"],
+        "raw_insert_rows_per_cpu_s": raw["rows_per_cpu_s"],
+        "ratio_to_raw_insert": round(ours["spans_per_cpu_s"] / raw["rows_per_cpu_s"], 3),
+        "p99_export_ms": ours["p99_export_ms"],
+        "peak_rss_mb": ours["peak_rss_mb"],
+        "bytes_per_span": ours["bytes_per_span"],
+        "collector": ours, "raw_insert": raw,
+        "request_bytes_per_span": round(sum(map(len, payloads)) / (len(payloads) * SPANS_PER_EXPORT), 1),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
