@@ -102,11 +102,13 @@ def _sender(target: str, payloads: list[bytes], n_exports: int, threads: int, q)
             if i is None:
                 return
             t = time.perf_counter()
-            try:
-                export(payloads[i % len(payloads)], timeout=30)
-            except grpc.RpcError:
-                errors[0] += 1
-                continue
+            while True:  # as OTLP exporters do: retry what was pushed back, until acknowledged
+                try:
+                    export(payloads[i % len(payloads)], timeout=30)
+                    break
+                except grpc.RpcError:
+                    errors[0] += 1
+                    time.sleep(0.1)
             lat.append(time.perf_counter() - t)
 
     ts = [threading.Thread(target=run) for _ in range(threads)]
@@ -201,7 +203,7 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
             "spans": target, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "spans_per_s": round(target / wall), "spans_per_cpu_s": round(target / cpu),
             "p50_export_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_export_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
-            "export_errors": errors, "peak_rss_mb": round(_rss_peak_mb(proc.pid), 1),
+            "export_retries": errors, "peak_rss_mb": round(_rss_peak_mb(proc.pid), 1),
             "bytes_per_span": round(int(parts["b"]) / max(int(parts["r"]), 1), 1),
         }
     finally:

@@ -85,6 +85,105 @@ def attrs(kvs) -> dict[str, str]:
     return {kv.key: value_str(kv.value) for kv in kvs}
 
 
+class MapColumn:
+    """A column of string maps kept as Arrow lays a map out: flat keys, flat values, offsets.
+
+    Converting Python dicts to an Arrow map costs ~2 µs per entry; building from flat lists is
+    ~20x cheaper. It still reads like a list of dicts (index, iterate, compare) for its users.
+    """
+
+    __slots__ = ("keys", "values", "offsets")
+
+    def __init__(self, rows=()) -> None:
+        self.keys: list[str] = []
+        self.values: list[str] = []
+        self.offsets: list[int] = [0]
+        for d in rows:
+            self.append(d)
+
+    def append(self, d: dict) -> None:
+        self.keys.extend(d)
+        self.values.extend(d.values())
+        self.offsets.append(len(self.keys))
+
+    def extend(self, other: "MapColumn") -> None:
+        base = len(self.keys)
+        self.keys.extend(other.keys)
+        self.values.extend(other.values)
+        self.offsets.extend([o + base for o in other.offsets[1:]])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return dict(zip(self.keys[a:b], self.values[a:b]))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"MapColumn({list(self)!r})"
+
+    def arrow(self):
+        import pyarrow as pa
+
+        return pa.MapArray.from_arrays(pa.array(self.offsets, pa.int32()), pa.array(self.keys, pa.string()),
+                                       pa.array(self.values, pa.string()))
+
+
+class MapListColumn:
+    """A column of lists of maps (``Events.Attributes``, ``Links.Attributes``), in Arrow's layout."""
+
+    __slots__ = ("maps", "offsets")
+
+    def __init__(self, rows=()) -> None:
+        self.maps = MapColumn()
+        self.offsets: list[int] = [0]
+        for r in rows:
+            self.append(r)
+
+    def append(self, dicts: list[dict]) -> None:
+        for d in dicts:
+            self.maps.append(d)
+        self.offsets.append(len(self.maps))
+
+    def extend(self, other: "MapListColumn") -> None:
+        base = len(self.maps)
+        self.maps.extend(other.maps)
+        self.offsets.extend([o + base for o in other.offsets[1:]])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[dict]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return [self.maps[j] for j in range(self.offsets[i], self.offsets[i + 1])]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def arrow(self):
+        import pyarrow as pa
+
+        return pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), self.maps.arrow())
+
+
 @dataclass
 class SpanColumns:
     """Columns of ``otel_traces`` in :data:`TRACE_COLUMNS` order, one list per column."""
@@ -97,20 +196,20 @@ class SpanColumns:
     SpanName: list = field(default_factory=list)
     SpanKind: list = field(default_factory=list)
     ServiceName: list = field(default_factory=list)
-    ResourceAttributes: list = field(default_factory=list)
+    ResourceAttributes: MapColumn = field(default_factory=MapColumn)
     ScopeName: list = field(default_factory=list)
     ScopeVersion: list = field(default_factory=list)
-    SpanAttributes: list = field(default_factory=list)
+    SpanAttributes: MapColumn = field(default_factory=MapColumn)
     Duration: list = field(default_factory=list)
     StatusCode: list = field(default_factory=list)
     StatusMessage: list = field(default_factory=list)
     EventsTimestamp: list = field(default_factory=list)
     EventsName: list = field(default_factory=list)
-    EventsAttributes: list = field(default_factory=list)
+    EventsAttributes: MapListColumn = field(default_factory=MapListColumn)
     LinksTraceId: list = field(default_factory=list)
     LinksSpanId: list = field(default_factory=list)
     LinksTraceState: list = field(default_factory=list)
-    LinksAttributes: list = field(default_factory=list)
+    LinksAttributes: MapListColumn = field(default_factory=MapListColumn)
 
     def __len__(self) -> int:
         return len(self.TraceId)
@@ -176,7 +275,8 @@ def encode_traces(req: ExportTraceServiceRequest, out: SpanColumns | None = None
                 ts(start)
                 tid(span.trace_id.hex())
                 sid(span.span_id.hex())
-                psid(span.parent_span_id.hex())
+                # an all-zero id is no id: the exporter writes '' (a root span's parent, as Grafana expects)
+                psid(span.parent_span_id.hex() if any(span.parent_span_id) else "")
                 tstate(span.trace_state)
                 name_(span.name)
                 kind_(_KINDS[span.kind] if 0 <= span.kind < len(_KINDS) else "Unspecified")
@@ -184,7 +284,8 @@ def encode_traces(req: ExportTraceServiceRequest, out: SpanColumns | None = None
                 res_(res)
                 sname_(scope_name)
                 sver_(scope_version)
-                sattr_({kv.key: value_str(kv.value) for kv in span.attributes})
+                # most values are non-empty strings: take them without value_str's dispatch
+                sattr_({kv.key: (sv if (sv := (v := kv.value).string_value) else value_str(v)) for kv in span.attributes})
                 dur_(end - start if end > start else 0)
                 code = span.status.code
                 scode_(_STATUS[code] if 0 <= code < 3 else "Unset")
@@ -196,8 +297,8 @@ def encode_traces(req: ExportTraceServiceRequest, out: SpanColumns | None = None
                 else:
                     ets_([]), ename_([]), eattr_([])
                 if span.links:
-                    ltid_([lk.trace_id.hex() for lk in span.links])
-                    lsid_([lk.span_id.hex() for lk in span.links])
+                    ltid_([lk.trace_id.hex() if any(lk.trace_id) else "" for lk in span.links])
+                    lsid_([lk.span_id.hex() if any(lk.span_id) else "" for lk in span.links])
                     lts_([lk.trace_state for lk in span.links])
                     lattr_([attrs(lk.attributes) for lk in span.links])
                 else:

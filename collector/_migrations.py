@@ -45,6 +45,10 @@ MIGRATIONS: list[tuple[int, str, Callable[[SchemaOptions], list[str]]]] = [
     (2, "traces: insert deduplication window, for idempotent replay of the write-ahead log",
      lambda opts: _dedup(TRACE_INSERT_TABLES)),
     (3, "metrics and logs: otel_metrics_* and otel_logs, with the deduplication window", _metrics_and_logs),
+    # the view's target needs its own window: without it a replayed (deduplicated) insert still
+    # adds its rows to the trace-id index a second time
+    (4, "traces: deduplication window on otel_traces_trace_id_ts, the materialized view's target",
+     lambda opts: _dedup(("otel_traces_trace_id_ts",))),
 ]
 
 

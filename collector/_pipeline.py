@@ -36,12 +36,12 @@ log = logging.getLogger(__name__)
 KIND_TRACES, KIND_METRICS, KIND_LOGS = 1, 2, 3
 KIND_NAMES = {KIND_TRACES: "traces", KIND_METRICS: "metrics", KIND_LOGS: "logs"}
 
-#: Large inserts are cheap per row in ClickHouse; 50k spans is ~30 MB of columns.
-MAX_BATCH_ROWS = 50_000
+#: Large inserts are cheap per row in ClickHouse; 25k spans is ~15 MB of columns, ~60 MB as Python objects.
+MAX_BATCH_ROWS = 25_000
 #: Data is queryable within about this long after it arrives.
 FLUSH_INTERVAL_S = 0.2
 #: Rows held in memory for the writer; beyond this, entries are spooled (kept only in the log).
-MAX_MEMORY_ROWS = 200_000
+MAX_MEMORY_ROWS = 100_000
 #: After a failed insert, wait this long (doubling up to the max) before trying the same run again.
 RETRY_BACKOFF_S, RETRY_BACKOFF_MAX_S = 0.5, 10.0
 #: Told to senders that are pushed back.

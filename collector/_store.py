@@ -74,7 +74,8 @@ def _chdb_message(exc: Exception) -> str:
 
 
 def spans_to_arrow(cols: SpanColumns) -> pa.Table:
-    arrays = [pa.array(col, type=f.type) for col, f in zip(cols.columns(), _SPAN_SCHEMA)]
+    arrays = [col.arrow() if hasattr(col, "arrow") else pa.array(col, type=f.type)
+              for col, f in zip(cols.columns(), _SPAN_SCHEMA)]
     return pa.Table.from_arrays(arrays, schema=_SPAN_SCHEMA)
 
 

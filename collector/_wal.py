@@ -164,15 +164,23 @@ class WAL:
         """
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"record of {len(payload)} bytes is larger than {MAX_RECORD_BYTES}")
+        reclen = _HEADER.size + len(payload)
         with self._lock:
-            if self._closed:
-                raise WALClosed("the write-ahead log is closed")
+            while True:  # every wait below releases the lock: re-check everything after it
+                if self._closed:
+                    raise WALClosed("the write-ahead log is closed")
+                if self._seg_size > 0 and self._seg_size + reclen > self._segment_bytes:
+                    if self._syncing:  # never close the file a leader is syncing
+                        self._cond.wait()
+                        continue
+                    self._rotate()
+                    continue
+                break
             if self._bytes + len(payload) > self._max_bytes and self._bytes > 0:
                 raise WALFull(f"the write-ahead log holds {self._bytes} bytes not yet stored (limit {self._max_bytes})")
+            # the number is taken only now, with the lock held from here to the write
             seq = self.next_seq
             rec = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind) + payload
-            if self._seg_size > 0 and self._seg_size + len(rec) > self._segment_bytes:
-                self._rotate(seq)
             offset = self._seg_size
             view = memoryview(rec)
             while view:
@@ -206,14 +214,15 @@ class WAL:
             self.durable = max(self.durable, target)
             self._cond.notify_all()
 
-    def _rotate(self, next_first_seq: int) -> None:
-        while self._syncing:  # never close the file a leader is syncing
-            self._cond.wait()
+    def _rotate(self) -> None:
+        """Close the active segment (synced) and start the next; lock held, no leader syncing."""
         if self._sync:
             os.fdatasync(self._fd)
+        self.syncs += 1
         self.durable = self.next_seq - 1
+        self._cond.notify_all()  # appenders waiting for durability are covered by this sync
         os.close(self._fd)
-        self._open_segment(next_first_seq)
+        self._open_segment(self.next_seq)
 
     # -- reading and releasing ---------------------------------------------------------------
 

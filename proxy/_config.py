@@ -96,6 +96,8 @@ def _construct(loader, node):
         for k_node, v_node in node.value:
             key = loader.construct_object(k_node, deep=True)
             key = key.value if isinstance(key, _Node) else key
+            if isinstance(key, (dict, list)):  # unhashable; and no config key is a collection
+                raise ConfigError(f"{k_node.start_mark.line + 1}: a key must be a plain value, not {_kind(key)}")
             if key in out:
                 raise ConfigError(f"{k_node.start_mark.line + 1}: duplicate key {key!r}")
             out[key] = loader.construct_object(v_node, deep=True)
@@ -115,8 +117,20 @@ def _scalar(loader, node):
 
 
 def _leaf(loader, node):
-    return _Node(_scalar(loader, node), node.start_mark.line + 1)
+    try:
+        value = _scalar(loader, node)
+    except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError):  # `2020-99-99`, `!!int ten`, `!!int`
+        raise ConfigError(f"{node.start_mark.line + 1}: {node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]}") from None
+    return _Node(value, node.start_mark.line + 1)
 
+
+def _reject(loader, node):
+    raise ConfigError(f"{node.start_mark.line + 1}: unexpected YAML node {node.tag}")
+
+
+# SafeLoader builds these as bytes, sets and pair lists, which carry no line and mean nothing here
+for _tag in ("tag:yaml.org,2002:binary", "tag:yaml.org,2002:set", "tag:yaml.org,2002:omap", "tag:yaml.org,2002:pairs"):
+    _LineLoader.add_constructor(_tag, _reject)
 
 for _tag in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
              "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null", "tag:yaml.org,2002:timestamp"):

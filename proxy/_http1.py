@@ -92,11 +92,13 @@ class _Span:
 
 
 async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: float):
+    # one deadline for the whole event: a peer trickling a head byte by byte must not reset it
+    deadline = trio.current_time() + timeout
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        with trio.fail_after(timeout):
+        with trio.fail_at(deadline):
             data = await stream.receive_some(READ_CHUNK)
         conn.receive_data(data)
 
@@ -150,6 +152,10 @@ class Sidecar:
                 first = False
                 if not isinstance(event, h11.Request):
                     return  # ConnectionClosed, or PAUSED after a request we could not finish
+                # h11 bounds only an incomplete head; one that completes in the read past the limit gets here
+                if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEADER_BYTES:
+                    await self._local_reply(conn, stream, 431, "request header fields too large", close=True)
+                    return
                 await self._exchange(conn, stream, event, direction)
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
@@ -198,6 +204,7 @@ class Sidecar:
             parts = urlsplit(target)
             authority = parts.netloc or authority
             path_and_query = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            headers = [(k, v) for k, v in headers if k != b"host"]  # RFC 9112 3.2.2: the target's authority wins
         path, _, query = path_and_query.partition("?")
         a = span.attrs
         a["http.request.method"] = method
@@ -252,6 +259,11 @@ class Sidecar:
             await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span)
         except ProxyError as exc:
             span.flag, span.message = exc.flag, str(exc)
+            if dconn.their_state is h11.SEND_BODY:
+                try:  # a bodiless request's end is already parsed: take it, so keep-alive survives
+                    dconn.next_event()
+                except h11.RemoteProtocolError:
+                    pass
             if await self._local_reply(dconn, dstream, exc.status, str(exc)):
                 span.status = exc.status
         except _DownstreamCut:
@@ -335,7 +347,11 @@ class Sidecar:
                         raise _DownstreamGone() from None
                     if isinstance(ev, h11.Data):
                         span.req_bytes += len(ev.data)
-                        await uc.stream.send_all(u.send(ev))
+                        try:
+                            with trio.fail_after(BODY_IDLE_TIMEOUT_S):
+                                await uc.stream.send_all(u.send(ev))
+                        except trio.TooSlowError:
+                            raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
                     elif isinstance(ev, h11.EndOfMessage):
                         break
                     else:
@@ -350,7 +366,8 @@ class Sidecar:
             except trio.TooSlowError:
                 raise ProxyError(504, "UT", f"upstream request timeout: no response within {ROUTE_TIMEOUT_S:.0f}s") from None
             except h11.RemoteProtocolError as exc:
-                if u.trailing_data[1]:  # the peer closed (before or inside the response head)
+                data, closed = u.trailing_data
+                if closed and data[:5] == b"HTTP/"[:len(data)]:  # the peer closed before or inside a response head
                     raise _UpstreamGone("the connection closed") from None
                 raise ProxyError(502, "UPE", f"upstream protocol error: {exc}") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -154,31 +154,39 @@ class OTLPExporter:
         task_status.started()
         pending: list[SpanRecord] = []
         attempts = 0
-        while True:
-            with trio.move_on_after(EXPORT_INTERVAL_S):
-                await self.recorder.wakeup.wait()
-            self.recorder.wakeup = trio.Event()
+        try:
             while True:
-                if not pending:
-                    pending, attempts = self.recorder.take(), 0
-                if not pending:
+                with trio.move_on_after(EXPORT_INTERVAL_S):
+                    await self.recorder.wakeup.wait()
+                self.recorder.wakeup = trio.Event()
+                while True:
+                    if not pending:
+                        pending, attempts = self.recorder.take(), 0
+                    if not pending:
+                        break
+                    if await self._export_batch(pending):
+                        pending = []
+                        continue
+                    attempts += 1
+                    if attempts >= MAX_ATTEMPTS:
+                        self.recorder.stats.export_dropped += len(pending)
+                        pending = []
+                    await trio.sleep(min(0.25 * 2 ** attempts, 5.0))
                     break
-                if await self._export_batch(pending):
-                    pending = []
-                    continue
-                attempts += 1
-                if attempts >= MAX_ATTEMPTS:
-                    self.recorder.stats.export_dropped += len(pending)
-                    pending = []
-                await trio.sleep(min(0.25 * 2 ** attempts, 5.0))
-                break
+        finally:
+            self.recorder.stats.export_dropped += len(pending)  # cancelled while a batch waited for a retry
 
     async def flush(self, deadline_s: float = 3.0) -> None:
-        """Send what is queued, for at most *deadline_s* (shielded: runs during shutdown)."""
+        """Send what is queued, for at most *deadline_s* (shielded: runs during shutdown).
+        What it cannot send is counted as dropped."""
+        batch: list[SpanRecord] = []
         with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):
             while len(self.recorder):
-                if not await self._export_batch(self.recorder.take(), timeout=deadline_s):
+                batch = self.recorder.take()
+                if not await self._export_batch(batch, timeout=deadline_s):
                     break
+                batch = []
+        self.recorder.stats.export_dropped += len(batch) + len(self.recorder)
 
     def close(self) -> None:
         self._channel.close()

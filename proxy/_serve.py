@@ -30,16 +30,28 @@ FLUSH_S = 3.0
 CONFIG_POLL_S = 1.0
 
 
+def _stamp(path: str) -> tuple[float, int]:
+    st = os.stat(path)
+    return st.st_mtime, st.st_size
+
+
 async def _watch_config(path: str, router: Router, mtime: float) -> None:
+    """Reload *path* when it changed and then stayed the same for one poll interval, so a file
+    caught half-written by an in-place editor is never loaded (it could be a valid, smaller mesh)."""
+    loaded = (mtime, os.stat(path).st_size)
+    seen = loaded
     while True:
         await trio.sleep(CONFIG_POLL_S)
         try:
-            now = os.stat(path).st_mtime
+            now = _stamp(path)
         except OSError:
             continue  # the file is being replaced, or gone: keep the last good config
-        if now == mtime:
+        if now != seen:
+            seen = now  # changed since the last look: wait until it settles
             continue
-        mtime = now
+        if now == loaded:
+            continue
+        loaded = now
         try:
             cfg = await trio.to_thread.run_sync(load_config, path)
         except ConfigError as exc:

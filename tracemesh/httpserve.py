@@ -80,13 +80,14 @@ class _ClientGone(Exception):
 
 
 async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: float):
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        with trio.fail_after(timeout):
+    # one deadline for the whole event: a client trickling a byte at a time must not renew it
+    with trio.fail_after(timeout):
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
             data = await stream.receive_some(READ_CHUNK)
-        conn.receive_data(data)
+            conn.receive_data(data)
 
 
 async def _send(conn: h11.Connection, stream: trio.abc.Stream, event) -> None:
@@ -95,12 +96,13 @@ async def _send(conn: h11.Connection, stream: trio.abc.Stream, event) -> None:
         await stream.send_all(data)
 
 
-async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, close: bool = False) -> None:
+async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, close: bool = False,
+                   head: bool = False) -> None:
     headers = [("content-type", resp.content_type), ("content-length", str(len(resp.body))), *resp.headers]
     if close:
         headers.append(("connection", "close"))
     await _send(conn, stream, h11.Response(status_code=resp.status, headers=headers))
-    if resp.body:
+    if resp.body and not head:  # the answer to HEAD has the headers of GET's and no body (h11 refuses one)
         await _send(conn, stream, h11.Data(data=resp.body))
     await _send(conn, stream, h11.EndOfMessage())
 
@@ -127,6 +129,11 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler, max_bod
                 return
             assert isinstance(event, h11.Request), event
             headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
+            if {"transfer-encoding", "content-length"} <= {k for k, _ in headers}:
+                # RFC 9112 6.1: framing is ambiguous (a smuggling vector); refuse, and close
+                await _respond(conn, stream, Response.error(400, "bad request: both Transfer-Encoding and "
+                                                                 "Content-Length"), close=True)
+                return
             body = bytearray()
             too_big = False
             if conn.client_is_waiting_for_100_continue:
@@ -158,7 +165,7 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler, max_bod
             except Exception as exc:  # a handler bug answers 500 and is logged; the server keeps serving
                 log.exception("handler failed for %s %s", req.method, req.target)
                 resp = Response.error(500, f"internal error: {type(exc).__name__}: {exc}")
-            await _respond(conn, stream, resp)
+            await _respond(conn, stream, resp, head=req.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -183,6 +190,9 @@ async def serve_http(
     """Serve *handler* on *listeners* until cancelled."""
 
     async def one(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, handler, max_body)
+        try:
+            await _serve_connection(stream, handler, max_body)
+        except Exception:  # one connection's bug must not take the server (and the process) down
+            log.exception("connection failed")
 
     await trio.serve_listeners(one, listeners, task_status=task_status)

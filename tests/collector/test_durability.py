@@ -129,6 +129,7 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(tmp_path):
                 break
             time.sleep(0.2)
         assert stats["records_recovered"] > 0, stats  # the restart did replay the log
+        assert stats["rows_queued"] == 0 and stats["insert_errors"] == 0, (stats, c.log.read_text()[-3000:])
         rows = c.rows("SELECT TraceId, count() AS n, uniqExact(SpanId) AS u FROM otel_traces GROUP BY TraceId")
         stored = {r["TraceId"]: (int(r["n"]), int(r["u"])) for r in rows}
         missing = acked_now - stored.keys()

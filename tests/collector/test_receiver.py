@@ -4,7 +4,6 @@ SDK's OTLPSpanExporter, raw grpcio), and what landed checked through the query A
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 
@@ -13,7 +12,6 @@ import httpx
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor

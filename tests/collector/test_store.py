@@ -15,7 +15,7 @@ import threading
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tracemesh.collector import EmbeddedStore, StoreBusy, open_store
+from tracemesh.collector import EmbeddedStore, open_store
 from tracemesh.collector._encode import SpanColumns, encode_traces
 from tracemesh.collector._schema import SchemaOptions, trace_tables
 from tracemesh.query import QueryError, ReadOnlyError
@@ -220,6 +220,23 @@ def test_materialized_view_fills_trace_id_ts(store, otlp):
     assert int(n["c"]) == 3
 
 
+def test_a_replayed_insert_is_stored_once_in_both_tables(store, otlp):
+    # the write-ahead log re-sends a run after a crash with the same token: ClickHouse must drop it,
+    # in otel_traces and in the trace-id index its materialized view feeds
+    tid, _ = new_ids()
+    cols, _ = encode_traces(otlp.request(*[otlp.span(trace_id=tid, span_id=os.urandom(8)) for _ in range(3)]))
+    token = f"test-{tid.hex()}:1-1:otel_traces"
+    for _ in range(3):
+        store.insert_rows("otel_traces", cols, token)
+    [r] = rows(store, f"""SELECT (SELECT count() FROM otel_traces WHERE TraceId = '{tid.hex()}') AS spans,
+                                 (SELECT count() FROM otel_traces_trace_id_ts WHERE TraceId = '{tid.hex()}') AS idx""")
+    assert (int(r["spans"]), int(r["idx"])) == (3, 1)
+    # a different token is a different insert
+    store.insert_rows("otel_traces", cols, token + "-other")
+    [r] = rows(store, f"SELECT count() AS c FROM otel_traces WHERE TraceId = '{tid.hex()}'")
+    assert int(r["c"]) == 6
+
+
 def test_concurrent_inserts_and_reads(store, otlp):
     # the query API runs up to four user queries at once beside the writer thread
     tid, _ = new_ids()
@@ -362,7 +379,3 @@ def test_open_store_needs_an_existing_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_store(tmp_path / "nothing-here")
     assert not (tmp_path / "nothing-here").exists()
-
-
-def test_store_busy_is_exported_for_the_cli():
-    assert issubclass(StoreBusy, Exception)

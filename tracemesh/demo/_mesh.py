@@ -2,13 +2,12 @@
 
 Used by ``tracemesh demo`` and by the end-to-end tests. Every child runs in its own session (so a
 Ctrl-C at the terminal reaches only the supervisor, which stops the children in order) and asks the
-kernel for SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``), so no process is left behind even
-when the supervisor is killed.
+kernel for SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``, see :mod:`tracemesh._proc`), so no
+process is left behind even when the supervisor is killed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracemesh._proc import python_cmd
 from tracemesh.net import Addr, free_port, wait_for_port
 
 #: (service, version) of the demo's workloads; catalog v2 is the canary.
@@ -26,14 +26,6 @@ WORKLOADS = (("frontend", "v1"), ("catalog", "v1"), ("catalog", "v2"), ("pricing
 CANARY_WEIGHTS = {"v1": 80, "v2": 20}
 START_TIMEOUT_S = 60.0  # cold imports of grpc + chdb on a busy 2-core machine take seconds
 STOP_TIMEOUT_S = 15.0
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the supervisor's own cleanup still stops children
 
 
 @dataclass
@@ -93,12 +85,11 @@ class LocalMesh:
         f = open(log, "wb")
         try:
             popen = subprocess.Popen(
-                [self.python, *args],
+                python_cmd(*args, python=self.python),
                 stdin=subprocess.DEVNULL,
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             f.close()

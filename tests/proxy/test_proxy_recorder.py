@@ -1,0 +1,166 @@
+"""The lean span recorder: bounded queue, pure OTLP encoder, and the grpcio exporter."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from sidecar_harness import any_value
+from tracemesh.net import free_port
+from tracemesh.proxy._recorder import (
+    KIND_CLIENT, KIND_SERVER, MAX_BATCH, SCOPE_NAME, STATUS_ERROR, STATUS_UNSET, OTLPExporter, SpanRecord,
+    SpanRecorder, encode_request,
+)
+
+
+def _span(i: int = 1, **kw) -> SpanRecord:
+    base = dict(trace_id=bytes([i % 255 + 1]) * 16, span_id=bytes([i % 255 + 1]) * 8, parent_span_id=b"",
+                name=f"GET s{i}", kind=KIND_SERVER, start_ns=1_700_000_000_000_000_000 + i,
+                end_ns=1_700_000_000_000_500_000 + i, attributes={"i": i}, status=STATUS_UNSET, status_message="")
+    base.update(kw)
+    return SpanRecord(**base)
+
+
+def test_bounded_queue_drops_and_counts():
+    r = SpanRecorder(max_queued=3)
+    for i in range(5):
+        r.record(_span(i))
+    assert len(r) == 3
+    assert (r.stats.recorded, r.stats.dropped) == (3, 2)
+    assert [s.attributes["i"] for s in r.take(2)] == [0, 1]  # oldest first
+    r.record(_span(9))
+    assert [s.attributes["i"] for s in r.take()] == [2, 9]
+    assert r.take() == [] and len(r) == 0
+    assert (r.stats.recorded, r.stats.dropped) == (4, 2)
+
+
+def test_a_full_batch_wakes_the_exporter():
+    r = SpanRecorder()
+    for i in range(MAX_BATCH - 1):
+        r.record(_span(i))
+    assert not r.wakeup.is_set()
+    r.record(_span(MAX_BATCH))
+    assert r.wakeup.is_set()
+    assert len(r.take()) == MAX_BATCH
+
+
+RESOURCE = {"service.name": "catalog", "service.version": "v2", "mesh.component": "sidecar"}
+
+
+def test_encode_request_decodes_to_the_same_spans():
+    spans = [
+        _span(1, attributes={"http.request.method": "GET", "http.response.status_code": 200, "ok": True,
+                             "ratio": 0.25, "url.path": "/items/ü"}),
+        _span(2, kind=KIND_CLIENT, parent_span_id=b"\x01" * 8, status=STATUS_ERROR, status_message="upstream reset"),
+    ]
+    req = ExportTraceServiceRequest.FromString(encode_request(RESOURCE, "1.2.3", spans))
+    assert len(req.resource_spans) == 1
+    rs = req.resource_spans[0]
+    assert {kv.key: any_value(kv.value) for kv in rs.resource.attributes} == RESOURCE
+    assert len(rs.scope_spans) == 1
+    ss = rs.scope_spans[0]
+    assert (ss.scope.name, ss.scope.version) == (SCOPE_NAME, "1.2.3")
+    assert len(ss.spans) == 2
+    for got, want in zip(ss.spans, spans):
+        assert (got.trace_id, got.span_id, got.parent_span_id) == (want.trace_id, want.span_id, want.parent_span_id)
+        assert (got.name, got.kind, got.start_time_unix_nano, got.end_time_unix_nano) == (
+            want.name, want.kind, want.start_ns, want.end_ns)
+        assert {kv.key: any_value(kv.value) for kv in got.attributes} == want.attributes
+        assert (got.status.code, got.status.message) == (want.status, want.status_message)
+    # the value types survive (an int stays an int, a bool a bool), as OTLP consumers see them
+    kinds = {kv.key: kv.value.WhichOneof("value") for kv in ss.spans[0].attributes}
+    assert kinds == {"http.request.method": "string_value", "http.response.status_code": "int_value",
+                     "ok": "bool_value", "ratio": "double_value", "url.path": "string_value"}
+
+
+attr_values = st.one_of(st.booleans(), st.integers(-(2 ** 63), 2 ** 63 - 1), st.floats(allow_nan=False),
+                        st.text())
+
+
+@settings(deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=8, max_size=8),
+                          st.dictionaries(st.text(min_size=1), attr_values, max_size=6),
+                          st.integers(0, 2 ** 63), st.sampled_from([KIND_SERVER, KIND_CLIENT])), max_size=8),
+       st.dictionaries(st.text(min_size=1), st.text(), max_size=4))
+def test_encode_request_round_trip(items, resource):
+    spans = [_span(i, trace_id=t, span_id=s, attributes=a, start_ns=start, end_ns=start + 1, kind=k)
+             for i, (t, s, a, start, k) in enumerate(items)]
+    req = ExportTraceServiceRequest.FromString(encode_request(resource, "0", spans))
+    rs = req.resource_spans[0]
+    assert {kv.key: any_value(kv.value) for kv in rs.resource.attributes} == resource
+    got = rs.scope_spans[0].spans
+    assert len(got) == len(spans)
+    for g, w in zip(got, spans):
+        assert (g.trace_id, g.span_id, g.start_time_unix_nano, g.kind) == (w.trace_id, w.span_id, w.start_ns, w.kind)
+        decoded = {kv.key: any_value(kv.value) for kv in g.attributes}
+        assert decoded.keys() == w.attributes.keys()
+        for k, v in w.attributes.items():
+            assert type(decoded[k]) is type(v) and (decoded[k] == v or (isinstance(v, float) and math.isclose(decoded[k], v)))
+
+
+def test_exporter_sends_queued_spans_and_flush_sends_the_rest(otlp):
+    recorder = SpanRecorder()
+    exporter = OTLPExporter(recorder, str(otlp.addr), {"service.name": "recorder-test"}, "9.9")
+    tag = f"recorder-{time.monotonic_ns()}"
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(exporter.run)
+            recorder.record(_span(1, attributes={"test": tag, "n": 1}))
+            with trio.fail_after(10):
+                while recorder.stats.exported < 1:
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()
+        recorder.record(_span(2, attributes={"test": tag, "n": 2}))  # the exporter loop is gone: flush sends it
+        await exporter.flush(3)
+
+    try:
+        trio.run(main)
+    finally:
+        exporter.close()
+    got = otlp.wait(2, test=tag)
+    assert sorted(s.attrs["n"] for s in got) == [1, 2]
+    assert got[0].resource == {"service.name": "recorder-test"} and got[0].scope == (SCOPE_NAME, "9.9")
+    assert recorder.stats.exported == 2 and recorder.stats.export_failures == 0
+
+
+def test_flush_is_bounded_when_the_collector_is_away():
+    recorder = SpanRecorder()
+    exporter = OTLPExporter(recorder, f"127.0.0.1:{free_port()}", {}, "0")
+    for i in range(3):
+        recorder.record(_span(i))
+    t0 = time.monotonic()
+    try:
+        trio.run(exporter.flush, 1.0)
+    finally:
+        exporter.close()
+    assert time.monotonic() - t0 < 3
+    assert recorder.stats.exported == 0 and recorder.stats.export_failures >= 1
+    assert recorder.stats.export_dropped == 3  # lost at shutdown, but counted
+
+
+def test_cancelled_exporter_counts_the_batch_it_held():
+    recorder = SpanRecorder()
+    exporter = OTLPExporter(recorder, f"127.0.0.1:{free_port()}", {}, "0")
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(exporter.run)
+            recorder.record(_span(1))
+            recorder.record(_span(2))
+            with trio.fail_after(10):
+                while not recorder.stats.export_failures:
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()  # the failed batch is waiting for its retry
+
+    try:
+        trio.run(main)
+    finally:
+        exporter.close()
+    assert len(recorder) == 0 and recorder.stats.exported == 0
+    assert recorder.stats.export_dropped == 2
