@@ -1,10 +1,25 @@
-"""The collector: OTLP receiver, ClickHouse store, query API.
+"""The collector: OTLP receivers, write-ahead log, ClickHouse store, query API, mesh CA.
 
-Public surface: :func:`serve` (the ``tracemesh collector`` command), :func:`open_store` and
-:class:`StoreBusy` (for ``tracemesh sql --store``), :class:`EmbeddedStore`.
+Public surface: :func:`serve` and :func:`status` (``tracemesh collector``), :class:`CollectorOptions`,
+:func:`open_store` and :class:`StoreBusy` (``tracemesh sql --store``), :class:`EmbeddedStore`.
+Imports are lazy: chdb and grpcio take a noticeable time to load, and commands such as
+``tracemesh token create`` need neither.
 """
 
-from tracemesh.collector._store import EmbeddedStore, StoreBusy, open_store
-from tracemesh.collector._serve import CollectorOptions, serve, status
+from __future__ import annotations
 
-__all__ = ["CollectorOptions", "EmbeddedStore", "StoreBusy", "open_store", "serve", "status"]
+import importlib
+
+_EXPORTS = {
+    "EmbeddedStore": "tracemesh.collector._store", "StoreBusy": "tracemesh.collector._store",
+    "open_store": "tracemesh.collector._store", "CollectorOptions": "tracemesh.collector._serve",
+    "serve": "tracemesh.collector._serve", "status": "tracemesh.collector._serve",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

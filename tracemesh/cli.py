@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=20.0, help="how long to drive load (default: %(default)s)")
     d.add_argument("--store", default=None, help="store directory (default: ./tracemesh-demo-<time>)")
     d.add_argument("--rps", type=float, default=40.0, help="requests per second of load (default: %(default)s)")
+
+    from tracemesh._identity_cli import add_identity_commands
+
+    add_identity_commands(sub)
     return p
 
 
@@ -112,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from tracemesh.demo import run
 
         return run(seconds=args.seconds, store=args.store, rps=args.rps)
+    if args.command in ("ca", "token", "cert"):
+        from tracemesh._identity_cli import run_identity_command
+
+        return run_identity_command(args)
     raise AssertionError(args.command)
 
 
