@@ -27,6 +27,7 @@ from tracemesh.collector._pipeline import Pipeline
 from tracemesh.collector._schema import SchemaOptions
 from tracemesh.collector._store import EmbeddedStore, StoreBusy
 from tracemesh.collector._wal import MAX_BYTES, WAL
+from tracemesh.query import QueryError
 from tracemesh.httpserve import serve_http
 from tracemesh.net import Addr
 
@@ -48,6 +49,27 @@ class CollectorOptions:
     wal_max_bytes: int = MAX_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES
     ttl_days: int = 0
+    clickhouse: str | None = None  # a ClickHouse server URL instead of the embedded store
+
+
+#: Where the write-ahead log lives when the store is a server (no store directory to put it in).
+DEFAULT_SERVER_WAL = "tracemesh-wal"
+
+
+def _store_name(opts: CollectorOptions) -> str:
+    if opts.clickhouse:
+        from tracemesh.collector._server_store import ServerTarget
+
+        return ServerTarget.parse(opts.clickhouse).redacted()  # never print the password
+    return opts.store
+
+
+def _open_store(opts: CollectorOptions):
+    if opts.clickhouse:
+        from tracemesh.collector._server_store import ServerStore, ServerTarget
+
+        return ServerStore(ServerTarget.parse(opts.clickhouse))
+    return EmbeddedStore(opts.store)
 
 
 async def _main(opts: CollectorOptions) -> int:
@@ -56,7 +78,7 @@ async def _main(opts: CollectorOptions) -> int:
 
     def stats() -> dict:
         p = state["pipeline"]
-        out = {"uptime_s": round(time.time() - started, 1), "store": opts.store}
+        out = {"uptime_s": round(time.time() - started, 1), "store": _store_name(opts)}
         if p is not None:
             out["pipeline"] = _selfmetrics.snapshot(p)
         return out
@@ -72,10 +94,14 @@ async def _main(opts: CollectorOptions) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_http, listeners, api_handler)
             try:
-                store = await trio.to_thread.run_sync(EmbeddedStore, opts.store)
+                store = await trio.to_thread.run_sync(_open_store, opts)
             except StoreBusy as exc:
                 where = f"; its query API is {exc.api_url}" if exc.api_url else ""
                 print(f"tracemesh collector: {exc}{where}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                return 1
+            except (QueryError, ValueError) as exc:
+                print(f"tracemesh collector: cannot use the store: {exc}", file=sys.stderr)
                 nursery.cancel_scope.cancel()
                 return 1
             state["store"] = store
@@ -83,8 +109,8 @@ async def _main(opts: CollectorOptions) -> int:
             if applied:
                 log.info("schema migrations applied: %s", ", ".join(map(str, applied)))
             store.announce(api_url)
-            wal = await trio.to_thread.run_sync(
-                lambda: WAL(opts.wal_dir or f"{opts.store}/wal", max_bytes=opts.wal_max_bytes))
+            wal_dir = opts.wal_dir or (DEFAULT_SERVER_WAL if opts.clickhouse else f"{opts.store}/wal")
+            wal = await trio.to_thread.run_sync(lambda: WAL(wal_dir, max_bytes=opts.wal_max_bytes))
             pipeline = state["pipeline"] = Pipeline(wal, store.insert_rows, decode_record)
             server, port = start_grpc(str(opts.otlp_grpc), pipeline, max_message=opts.max_message_bytes)
             otlp_http = OTLPHttp(pipeline, opts.max_message_bytes)
@@ -96,7 +122,7 @@ async def _main(opts: CollectorOptions) -> int:
             api_handler.store = store
             api_handler.ready = True
             print(f"tracemesh collector: OTLP/gRPC on {opts.otlp_grpc.host}:{port}{where_http}, "
-                  f"query API on {api_url}, store {opts.store}", flush=True)
+                  f"query API on {api_url}, store {_store_name(opts)}", flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("got %s; shutting down", signal.Signals(signum).name)

@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OTLP/HTTP listen address, or 'off' (default: %(default)s)")
     c.add_argument("--api", default=None,
                    help=f"query API listen address (default: {DEFAULT_API}); for status: its URL")
-    c.add_argument("--wal", default=None, help="write-ahead log directory (default: STORE/wal)")
+    c.add_argument("--clickhouse", metavar="URL", default=None,
+                   help="store in a ClickHouse server or cluster instead: clickhouse://user:pass@host:9000/db"
+                        "[?secure=1&cluster=NAME] (default: the embedded store at --store)")
+    c.add_argument("--wal", default=None, help="write-ahead log directory (default: STORE/wal, or ./tracemesh-wal with --clickhouse)")
     c.add_argument("--wal-max-mb", type=_positive_int, default=1024,
                    help="log size past which exports are pushed back (default: %(default)s)")
     c.add_argument("--max-message-mb", type=_positive_int, default=16,
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(CollectorOptions(
             store=args.store, otlp_grpc=args.otlp_grpc, otlp_http=otlp_http, api=api, wal_dir=args.wal,
             wal_max_bytes=args.wal_max_mb * 1024 * 1024, max_message_bytes=args.max_message_mb * 1024 * 1024,
-            ttl_days=args.ttl_days))
+            ttl_days=args.ttl_days, clickhouse=args.clickhouse))
     if args.command == "sidecar":
         from tracemesh.proxy import serve
 
