@@ -18,6 +18,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 _KINDS = ("Unspecified", "Internal", "Server", "Client", "Producer", "Consumer")
 _STATUS = ("Unset", "Ok", "Error")
+#: The largest timestamp a DateTime64(9) column can hold.
+MAX_TIME_NS = 2**63 - 1
 #: At most this many distinct rejection reasons are quoted back to the sender.
 MAX_REASONS = 3
 _GO_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -247,6 +249,11 @@ def _span_problem(span) -> str | None:
     for link in span.links:
         if len(link.trace_id) != 16 or len(link.span_id) != 8:
             return f"span {span.name!r}: a link has a malformed trace_id or span_id"
+    # DateTime64(9) holds nanoseconds in an Int64: later than 2262 cannot be stored (and would fail
+    # the whole batch it travels in, so it is refused here, alone)
+    if span.start_time_unix_nano > MAX_TIME_NS or span.end_time_unix_nano > MAX_TIME_NS or any(
+            e.time_unix_nano > MAX_TIME_NS for e in span.events):
+        return f"span {span.name!r}: a timestamp is past the year 2262 (more than 2**63-1 ns)"
     return None
 
 

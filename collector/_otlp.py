@@ -43,18 +43,32 @@ class Accepted:
     message: str
 
 
-def _traces(req):
+#: When on, trace exports are only validated here and ClickHouse renders them (see _native.py).
+_native_traces = False
+
+
+def use_native_traces(on: bool) -> None:
+    """Switch the traces signal between the Python encoder and ClickHouse's own OTLP parsing."""
+    global _native_traces
+    _native_traces = on
+
+
+def _traces(req, payload: bytes):
+    if _native_traces:
+        from tracemesh.collector._native import validate_traces
+
+        return validate_traces(req, payload)
     cols, rej = encode_traces(req)
     return {"otel_traces": cols}, rej
 
 
-def _metrics(req):
+def _metrics(req, payload: bytes):
     from tracemesh.collector._encode_otel import encode_metrics
 
     return encode_metrics(req)
 
 
-def _logs(req):
+def _logs(req, payload: bytes):
     from tracemesh.collector._encode_otel import encode_logs
 
     rows, rej = encode_logs(req)
@@ -73,8 +87,8 @@ class Signal:
     partial_field: str
     encode: Callable
 
-    def _encode(self, req) -> Accepted:
-        batches, rej = self.encode(req)
+    def _encode(self, req, payload: bytes) -> Accepted:
+        batches, rej = self.encode(req, payload)
         rows = sum(len(b) for b in batches.values())
         return Accepted(req, batches, rows, rej.count, rej.message)
 
@@ -85,7 +99,7 @@ class Signal:
             req.ParseFromString(data)
         except DecodeError as exc:
             raise OTLPError(f"malformed {self.request_cls.__name__}: {exc}") from None
-        return self._encode(req)
+        return self._encode(req, data)
 
     def accept_json(self, data: bytes) -> Accepted:
         try:
@@ -101,7 +115,7 @@ class Signal:
             json_format.ParseDict(doc, req, ignore_unknown_fields=True)
         except (json_format.ParseError, ValueError, TypeError) as exc:
             raise OTLPError(f"malformed OTLP/JSON {self.name} request: {exc}") from None
-        return self._encode(req)
+        return self._encode(req, req.SerializeToString())
 
     def decode(self, payload: bytes) -> dict:
         """Rows of a logged record (replay): the same as when it arrived."""

@@ -8,8 +8,9 @@ fronted by ``<name>`` on ``Distributed``; the collector writes to and reads from
 tables (``insert_distributed_sync = 1``, so an insert returns once the shards have it).
 
 Inserts are columnar (``columnar=True``) and carry the write-ahead log's deduplication token; a
-server too old to know ``insert_deduplication_token`` is detected on the first insert, logged, and
-written without it (replay after a crash may then store a batch twice).
+server too old to know ``insert_deduplication_token`` (it would ignore it silently) is detected at
+connect from ``system.settings``, logged, and written without it (replay after a crash may then
+store a batch twice).
 
 Reads: one read-only statement with ``readonly = 1`` set on the query, so the server itself refuses
 writes. The native protocol returns rows, not formatted text, so the query API's formats are
@@ -204,6 +205,11 @@ class ServerStore:
         self._tokens = True
         self._has_format_query: bool | None = None
         self.server_version = self._run("SELECT version()")[0][0]
+        # old servers take an unknown query setting silently: ask rather than rely on an error
+        self._tokens = bool(self._run("SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'")[0][0])
+        if not self._tokens:
+            log.warning("ClickHouse %s does not know insert_deduplication_token: replay after a crash may store a "
+                        "batch twice; 22.3 or newer gives exactly-once", self.server_version)
 
     def _client(self):
         c = getattr(self._local, "client", None)
@@ -273,13 +279,7 @@ class ServerStore:
             self._client().execute(sql, cols, columnar=True, settings=settings)
         except Exception as exc:
             self._drop_client()
-            msg = _message(exc)
-            if settings and "insert_deduplication_token" in msg and ("Unknown setting" in msg or "UNKNOWN_SETTING" in msg):
-                log.warning("ClickHouse %s does not know insert_deduplication_token: replay after a crash may "
-                            "store a batch twice; upgrade to 22.3 or newer for exactly-once", self.server_version)
-                self._tokens = False
-                return self.insert_rows(table, batch, "")
-            raise QueryError(msg) from None
+            raise QueryError(_message(exc)) from None
         return n
 
     # -- reading -----------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class EmbeddedStore:
             raise
         self._write_lock = threading.Lock()
         self._closed = False
+        self.native = None  # a NativeIngest, once enable_native() has set it up
 
     def _read_owner(self) -> dict:
         try:
@@ -166,6 +167,8 @@ class EmbeddedStore:
         n = len(batch)
         if not n:
             return 0
+        if self.native is not None and type(batch).__name__ == "NativeTraces":
+            return self.native.insert(batch, token)
         arrow = spans_to_arrow(batch) if isinstance(batch, SpanColumns) else batch.arrow()
         data = _arrow_stream(arrow)
         settings = f" SETTINGS insert_deduplication_token = '{_sql_quote(token)}'" if token else ""
@@ -177,6 +180,14 @@ class EmbeddedStore:
             except Exception as exc:
                 raise QueryError(_chdb_message(exc)) from None
         return n
+
+    def enable_native(self, workdir) -> None:
+        """Let ClickHouse parse OTLP trace requests itself from now on (see _native.py)."""
+        from tracemesh.collector._native import NativeIngest
+
+        native = NativeIngest(self, workdir)
+        native.setup()
+        self.native = native
 
     def query_write(self, sql: str, fmt: str = "TSVRaw") -> bytes:
         """Run *sql* on the writer session (schema management; never with user input)."""
