@@ -100,9 +100,9 @@ def chdb_dir(tmp_path_factory) -> Path:
 class Collector:
     """``tracemesh collector`` as a subprocess on free loopback ports, its output in a file."""
 
-    def __init__(self, cmd: list[str], store: Path, log: Path, otlp_http: bool = False) -> None:
+    def __init__(self, cmd: list[str], store: Path, log: Path, otlp_http: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.cmd, self.store, self.log = cmd, Path(store), Path(log)
-        self.otlp_http = otlp_http
+        self.otlp_http, self.extra = otlp_http, tuple(extra)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Collector":
@@ -114,7 +114,7 @@ class Collector:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [*self.cmd, "collector", "--store", str(self.store), "--otlp-grpc", self.grpc_addr,
-                 "--otlp-http", http_addr, "--api", f"127.0.0.1:{self.api_port}"],
+                 "--otlp-http", http_addr, "--api", f"127.0.0.1:{self.api_port}", *self.extra],
                 stdout=out, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
