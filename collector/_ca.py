@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tracemesh._fs import fsync_dir, write_atomic
 from tracemesh.identity import (
     DEFAULT_TRUST_DOMAIN,
     DEFAULT_WORKLOAD_TTL,
@@ -111,33 +112,6 @@ def _from_iso(text: str | None) -> datetime | None:
 
 
 # -- files -----------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write beside, fsync, rename over, fsync the directory: readers see old or new, whole."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have taken bits off; it can't have added any
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def check_private_file(path: Path) -> None:
@@ -375,7 +349,7 @@ class MeshCA:
             ca._authorities, ca._signer_id = [authority], authority.id
             ca._save()
             if not (directory / _TOKENS).exists():
-                _write_atomic(directory / _TOKENS, _dump_tokens({}), 0o600)
+                write_atomic(directory / _TOKENS, _dump_tokens({}), 0o600)
         return cls.open(directory)
 
     @classmethod
@@ -411,10 +385,10 @@ class MeshCA:
         key_file = adir / f"{auth_id}.key.pem"
         if key_file.exists():
             raise CaError(f"this CA certificate is already in use here ({key_file})")
-        _write_atomic(key_file, key.private_bytes(serialization.Encoding.PEM,
+        write_atomic(key_file, key.private_bytes(serialization.Encoding.PEM,
                                                   serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()), 0o600)
-        _write_atomic(adir / f"{auth_id}.cert.pem",
+        write_atomic(adir / f"{auth_id}.cert.pem",
                       b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), 0o644)
         return Authority(auth_id, tuple(certs), key_file, now, None, None, None)
 
@@ -477,7 +451,7 @@ class MeshCA:
             if a.cross is not None:
                 cross_path = self.dir / _AUTH_DIR / f"{a.id}.cross.pem"
                 if not cross_path.exists():
-                    _write_atomic(cross_path, a.cross.public_bytes(serialization.Encoding.PEM), 0o644)
+                    write_atomic(cross_path, a.cross.public_bytes(serialization.Encoding.PEM), 0o644)
                 cross_rel = rel(cross_path)
             entries.append({
                 "id": a.id, "cert": f"{_AUTH_DIR}/{a.id}.cert.pem",
@@ -487,8 +461,8 @@ class MeshCA:
         state = {"version": 1, "trust_domain": self.trust_domain,
                  "workload_ttl_seconds": int(self.workload_ttl.total_seconds()),
                  "signer": self._signer_id, "authorities": entries}
-        _write_atomic(self.dir / _BUNDLE, self._bundle(_utcnow()), 0o644)
-        _write_atomic(self.dir / _STATE, (json.dumps(state, indent=2) + "\n").encode(), 0o644)
+        write_atomic(self.dir / _BUNDLE, self._bundle(_utcnow()), 0o644)
+        write_atomic(self.dir / _STATE, (json.dumps(state, indent=2) + "\n").encode(), 0o644)
         self._stamp = self._state_stamp()
 
     # -- the trust bundle --
@@ -538,7 +512,7 @@ class MeshCA:
             _prune(tokens, now)
             tokens[_token_hash(token)] = {"identity": str(sid), "created_at": _iso(now),
                                           "expires_at": _iso(now + ttl), "uses": uses, "uses_left": uses}
-            _write_atomic(self.dir / _TOKENS, _dump_tokens(tokens), 0o600)
+            write_atomic(self.dir / _TOKENS, _dump_tokens(tokens), 0o600)
         return token
 
     def _load_tokens(self) -> dict:
@@ -569,7 +543,7 @@ class MeshCA:
             if entry["uses_left"] == 0:
                 entry["used_up_at"] = _iso(now)
             _prune(tokens, now)
-            _write_atomic(self.dir / _TOKENS, _dump_tokens(tokens), 0o600)
+            write_atomic(self.dir / _TOKENS, _dump_tokens(tokens), 0o600)
 
     # -- issuing --
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tracemesh._fs import write_atomic
 from tracemesh.collector._wal import WAL, WALClosed, WALFull
 
 log = logging.getLogger(__name__)
@@ -84,20 +85,6 @@ class _Entry:
     seq: int
     batches: dict | None  # None: spooled, decode from the log
     rows: int
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _merge(batches_list: list[dict]) -> dict:
@@ -261,7 +248,7 @@ class Pipeline:
                 continue
             first, last = run[0].seq, run[-1].seq
             try:
-                _write_json_atomic(self._checkpoint, {"intent": [first, last], "epoch": self.wal.epoch})
+                write_atomic(self._checkpoint, json.dumps({"intent": [first, last], "epoch": self.wal.epoch}).encode())
                 tables, rows = self._materialize(run)
             except Exception:
                 log.exception("cannot prepare records %d-%d for storage; retrying", first, last)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from tracemesh._fs import fsync_dir
+
 log = logging.getLogger(__name__)
 
 #: Segments of this size keep deletion granular without many files.
@@ -53,14 +55,6 @@ class _Loc:
 
 def _crc(seq: int, kind: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<QB", seq, kind)))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WAL:
@@ -97,7 +91,7 @@ class WAL:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(epoch)
             os.replace(tmp, path)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             return epoch
 
     def _recover(self) -> None:
@@ -147,7 +141,7 @@ class WAL:
         self._seg_size = 0
         self._segments.append((first_seq, path))
         if self._sync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     # -- appending ---------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ import re
 import sys
 from datetime import datetime, timedelta, timezone
 
+from tracemesh._args import positive_int
+
 #: Where the CA lives when --dir and $TRACEMESH_CA_DIR are not given.
 DEFAULT_CA_DIR = "tracemesh-ca"
 CA_DIR_ENV = "TRACEMESH_CA_DIR"
@@ -36,16 +38,6 @@ def parse_duration(text: str) -> timedelta:
     if total <= 0:
         raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
     return timedelta(seconds=total)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
 
 
 def _when(text: str) -> datetime:
@@ -105,7 +97,7 @@ def add_identity_commands(sub) -> None:
     create.add_argument("--identity", required=True, help="spiffe://<trust-domain>/ns/<ns>/sa/<sa>")
     create.add_argument("--ttl", type=parse_duration, default=timedelta(hours=1),
                         help="how long the token is valid (default: 1h)")
-    create.add_argument("--uses", type=_positive_int, default=1, help="how many CSRs it may authenticate (default: 1)")
+    create.add_argument("--uses", type=positive_int, default=1, help="how many CSRs it may authenticate (default: 1)")
 
     cert = sub.add_parser("cert", help="inspect workload certificates")
     cert_sub = cert.add_subparsers(dest="cert_action", required=True, metavar="ACTION")
