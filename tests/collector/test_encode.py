@@ -393,7 +393,10 @@ def _valid(span: Span) -> bool:
     return (len(span.trace_id) == 16 and span.trace_id != bytes(16)
             and len(span.span_id) == 8 and span.span_id != bytes(8)
             and len(span.parent_span_id) in (0, 8)
-            and all(len(lk.trace_id) == 16 and len(lk.span_id) == 8 for lk in span.links))
+            and all(len(lk.trace_id) == 16 and len(lk.span_id) == 8 for lk in span.links)
+            # DateTime64(9) ends in 2262: later timestamps are refused rather than stored wrong
+            and max(span.start_time_unix_nano, span.end_time_unix_nano,
+                    *(e.time_unix_nano for e in span.events)) <= 2**63 - 1)
 
 
 def _all_spans(req):
