@@ -61,8 +61,10 @@ def _handler(signal: Signal, pipeline: Pipeline):
     return export
 
 
-def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Start the receiver on *addr* (``host:port``); return the server and the bound port."""
+def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_BYTES,
+               extra_handlers: tuple[grpc.GenericRpcHandler, ...] = ()) -> tuple[grpc.Server, int]:
+    """Start the receiver on *addr* (``host:port``); return the server and the bound port.
+    *extra_handlers* are served on the same port (the mesh CA's bootstrap door)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc"),
         options=[
@@ -77,6 +79,8 @@ def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_
                 _handler(signal, pipeline), request_deserializer=None, response_serializer=lambda b: b),
         })
         server.add_generic_rpc_handlers((handler,))
+    if extra_handlers:
+        server.add_generic_rpc_handlers(tuple(extra_handlers))
     port = server.add_insecure_port(addr)
     if port == 0:
         raise OSError(f"cannot listen for OTLP/gRPC on {addr}")

@@ -21,7 +21,7 @@ import trio
 from tracemesh.collector import _selfmetrics
 from tracemesh.collector._api import QueryAPI
 from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, start_grpc
-from tracemesh.collector._otlp import decode_record
+from tracemesh.collector._otlp import decode_record, use_native_traces
 from tracemesh.collector._otlp_http import OTLPHttp
 from tracemesh.collector._pipeline import Pipeline
 from tracemesh.collector._schema import SchemaOptions
@@ -50,6 +50,9 @@ class CollectorOptions:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     ttl_days: int = 0
     clickhouse: str | None = None  # a ClickHouse server URL instead of the embedded store
+    native_traces: bool = True  # embedded store: ClickHouse parses OTLP traces itself (_native.py)
+    ca_dir: str | None = None  # serve the mesh CA in this directory (off when None)
+    ca_mtls: Addr | None = None  # the CA's mTLS renewal port; default <otlp host>:15012
 
 
 #: Where the write-ahead log lives when the store is a server (no store directory to put it in).
@@ -90,6 +93,7 @@ async def _main(opts: CollectorOptions) -> int:
     if opts.otlp_http is not None:
         http_listeners = await trio.open_tcp_listeners(opts.otlp_http.port, host=opts.otlp_http.host)
     server = None
+    ca_server = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_http, listeners, api_handler)
@@ -111,8 +115,27 @@ async def _main(opts: CollectorOptions) -> int:
             store.announce(api_url)
             wal_dir = opts.wal_dir or (DEFAULT_SERVER_WAL if opts.clickhouse else f"{opts.store}/wal")
             wal = await trio.to_thread.run_sync(lambda: WAL(wal_dir, max_bytes=opts.wal_max_bytes))
+            if opts.native_traces and not opts.clickhouse:
+                await trio.to_thread.run_sync(store.enable_native, f"{wal_dir}/native")
+                use_native_traces(True)
             pipeline = state["pipeline"] = Pipeline(wal, store.insert_rows, decode_record)
-            server, port = start_grpc(str(opts.otlp_grpc), pipeline, max_message=opts.max_message_bytes)
+            ca_handlers, ca_line = (), ""
+            if opts.ca_dir:
+                from tracemesh.collector._ca import CaError
+                from tracemesh.collector._ca_service import DEFAULT_MTLS_PORT, start_ca
+
+                ca_mtls = opts.ca_mtls or Addr(opts.otlp_grpc.host, DEFAULT_MTLS_PORT)
+                try:
+                    ca_service, ca_server, ca_port = await trio.to_thread.run_sync(start_ca, opts.ca_dir, str(ca_mtls))
+                except CaError as exc:
+                    print(f"tracemesh collector: cannot serve the mesh CA: {exc}", file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    return 1
+                ca_handlers = (ca_service.handler(renewal=False),)
+                ca_line = (f"tracemesh collector: mesh CA {opts.ca_dir} (trust domain {ca_service.ca.trust_domain}): "
+                           f"first certificates on the OTLP/gRPC port, renewals over mTLS on {ca_mtls.host}:{ca_port}")
+            server, port = start_grpc(str(opts.otlp_grpc), pipeline, max_message=opts.max_message_bytes,
+                                      extra_handlers=ca_handlers)
             otlp_http = OTLPHttp(pipeline, opts.max_message_bytes)
             where_http = ""
             if http_listeners:
@@ -123,6 +146,8 @@ async def _main(opts: CollectorOptions) -> int:
             api_handler.ready = True
             print(f"tracemesh collector: OTLP/gRPC on {opts.otlp_grpc.host}:{port}{where_http}, "
                   f"query API on {api_url}, store {_store_name(opts)}", flush=True)
+            if ca_line:
+                print(ca_line, flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("got %s; shutting down", signal.Signals(signum).name)
@@ -134,6 +159,8 @@ async def _main(opts: CollectorOptions) -> int:
         with trio.CancelScope(shield=True):
             if server is not None:
                 await trio.to_thread.run_sync(lambda: server.stop(GRPC_GRACE_S).wait())
+            if ca_server is not None:
+                await trio.to_thread.run_sync(lambda: ca_server.stop(GRPC_GRACE_S).wait())
             p = state["pipeline"]
             if p is not None:
                 await trio.to_thread.run_sync(p.close, DRAIN_S)

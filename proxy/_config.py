@@ -1,4 +1,5 @@
-"""The mesh config a sidecar routes by: services, their endpoints, and weighted routes.
+"""The mesh config a sidecar routes by: services, their endpoints, weighted routes, how each service
+takes mTLS, and who may call what (authorization policies).
 
 Loaded from YAML (JSON is YAML too) into frozen objects. Unknown keys, wrong types and impossible
 values are errors that name the file, the line and the field, e.g.
@@ -16,6 +17,25 @@ Shape::
         destinations:
           - {version: v1, weight: 80}
           - {version: v2, weight: 20}
+
+Per service, optionally: ``mtls: strict|permissive|disable`` (how its sidecars take connections,
+so whether callers must, may or must not use mesh mTLS; default permissive) and ``identity:
+spiffe://<td>/ns/<ns>/sa/<sa>`` (the SPIFFE ID its sidecars hold: callers then accept exactly
+that peer, and an inbound sidecar names a caller with that identity by this service).
+
+Authorization policies (Istio's semantics, see :mod:`tracemesh.proxy._authz`)::
+
+    policies:
+      - name: catalog-readers
+        service: catalog             # the service that enforces it
+        action: ALLOW                # ALLOW, DENY or AUDIT
+        rules:
+          - from: {principals: [spiffe://cluster.local/ns/shop/sa/frontend], not_namespaces: [test]}
+            to: {methods: [GET, HEAD], paths: [/items/*, /health], ports: [9001]}
+
+``from`` and ``to`` take one mapping or a list of them (alternatives). ``from`` keys:
+principals, not_principals, namespaces, not_namespaces; ``to`` keys: methods, not_methods,
+paths, not_paths, ports, not_ports.
 """
 
 from __future__ import annotations
@@ -26,13 +46,21 @@ from pathlib import Path
 
 import yaml
 
+from tracemesh.identity import SpiffeId, SpiffeIdError
 from tracemesh.net import Addr, parse_addr
+from tracemesh.proxy._authz import ACTIONS, Operation, Policy, Rule, Source, valid_pattern
 
 #: Service names are DNS labels (as Kubernetes service names are): they are also Host headers.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: A version label is a Kubernetes label value.
 _VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: How a service's sidecars take connections (Istio's PeerAuthentication modes).
+MTLS_STRICT, MTLS_PERMISSIVE, MTLS_DISABLE = "strict", "permissive", "disable"
+MTLS_MODES = (MTLS_STRICT, MTLS_PERMISSIVE, MTLS_DISABLE)
+#: Istio's default: sidecars take mTLS and plaintext, so a mesh can be migrated service by service.
+DEFAULT_MTLS = MTLS_PERMISSIVE
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$|^\*$")
 
 
 class ConfigError(ValueError):
@@ -49,6 +77,8 @@ class Endpoint:
 class Service:
     name: str
     endpoints: tuple[Endpoint, ...]
+    mtls: str = DEFAULT_MTLS
+    identity: SpiffeId | None = None
 
 
 @dataclass(frozen=True)
@@ -67,10 +97,19 @@ class Route:
 class MeshConfig:
     services: dict[str, Service]
     routes: dict[str, Route]
+    policies: tuple[Policy, ...] = ()
 
     @classmethod
     def empty(cls) -> "MeshConfig":
         return cls({}, {})
+
+    def service_of(self, identity: SpiffeId | str | None) -> str | None:
+        """The service whose configured identity is ``identity``, if exactly one has it."""
+        if identity is None:
+            return None
+        text = str(identity)
+        names = [s.name for s in self.services.values() if s.identity is not None and str(s.identity) == text]
+        return names[0] if len(names) == 1 else None
 
 
 # -- YAML with line numbers ------------------------------------------------------------------
@@ -192,7 +231,7 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
         raise ConfigError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if root is None or root.value is None:
         return MeshConfig.empty()
-    top = ctx.mapping(root, "", {"services", "routes"})
+    top = ctx.mapping(root, "", {"services", "routes", "policies"})
 
     services: dict[str, Service] = {}
     if "services" in top and top["services"].value is not None:
@@ -201,7 +240,7 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
             field = f"services.{name}"
             if not isinstance(name, str) or not _NAME.match(name):
                 raise ctx.fail(body, field, f"{name!r} is not a valid service name (lowercase DNS label)")
-            m = ctx.mapping(body, field, {"endpoints"}, {"endpoints"})
+            m = ctx.mapping(body, field, {"endpoints", "mtls", "identity"}, {"endpoints"})
             eps = []
             seen = set()
             for i, ep in enumerate(ctx.seq(m["endpoints"], f"{field}.endpoints")):
@@ -219,7 +258,16 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
                     raise ctx.fail(ep, ef, f"endpoint {addr_text} is listed twice")
                 seen.add(addr)
                 eps.append(Endpoint(addr, version))
-            services[name] = Service(name, tuple(eps))
+            mtls = DEFAULT_MTLS
+            if "mtls" in m:
+                mtls = ctx.string(m["mtls"], f"{field}.mtls").lower()
+                if mtls not in MTLS_MODES:
+                    raise ctx.fail(m["mtls"], f"{field}.mtls",
+                                   f"{m['mtls'].value!r} is not an mTLS mode; expected one of {', '.join(MTLS_MODES)}")
+            identity = None
+            if "identity" in m:
+                identity = _spiffe_id(ctx, m["identity"], f"{field}.identity")
+            services[name] = Service(name, tuple(eps), mtls, identity)
 
     routes: dict[str, Route] = {}
     if "routes" in top and top["routes"].value is not None:
@@ -249,7 +297,103 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
             if sum(d.weight for d in dests) == 0:
                 raise ctx.fail(m["destinations"], f"{rf}.destinations", "the weights add up to 0; nothing could be sent")
             routes[svc] = Route(svc, tuple(dests))
-    return MeshConfig(services, routes)
+
+    policies: list[Policy] = []
+    if "policies" in top and top["policies"].value is not None:
+        names: set[str] = set()
+        for i, node in enumerate(ctx.seq(top["policies"], "policies")):
+            policy = _policy(ctx, node, f"policies[{i}]", services)
+            if policy.name in names:
+                raise ctx.fail(node.value["name"], f"policies[{i}].name", f"a second policy named {policy.name!r}")
+            names.add(policy.name)
+            policies.append(policy)
+    return MeshConfig(services, routes, tuple(policies))
+
+
+def _spiffe_id(ctx: _Ctx, node: _Node, field: str) -> SpiffeId:
+    text = ctx.string(node, field)
+    try:
+        sid = SpiffeId.parse(text)
+    except SpiffeIdError as exc:
+        raise ctx.fail(node, field, f"{text!r} is not a SPIFFE ID: {exc}") from None
+    if not sid.is_workload:
+        raise ctx.fail(node, field, f"{text!r} is not a workload identity spiffe://<trust-domain>/ns/<ns>/sa/<sa>")
+    return sid
+
+
+_SOURCE_KEYS = ("principals", "not_principals", "namespaces", "not_namespaces")
+_OPERATION_KEYS = ("methods", "not_methods", "paths", "not_paths", "ports", "not_ports")
+
+
+def _policy(ctx: _Ctx, node: _Node, field: str, services: dict[str, Service]) -> Policy:
+    m = ctx.mapping(node, field, {"name", "service", "action", "rules"}, {"name", "service", "action"})
+    name = ctx.string(m["name"], f"{field}.name", _VERSION, "policy name (letters, digits, '.', '_', '-')")
+    service = ctx.string(m["service"], f"{field}.service", _NAME, "service name")
+    if service not in services:
+        raise ctx.fail(m["service"], f"{field}.service", f"no service {service!r} under services")
+    action = ctx.string(m["action"], f"{field}.action")
+    if action not in ACTIONS:
+        raise ctx.fail(m["action"], f"{field}.action", f"{action!r} is not an action; expected one of {', '.join(ACTIONS)}")
+    rules = []
+    if "rules" in m and m["rules"].value is not None:
+        for j, r in enumerate(ctx.seq(m["rules"], f"{field}.rules")):
+            rf = f"{field}.rules[{j}]"
+            rm = ctx.mapping(r, rf, {"from", "to"})
+            sources = operations = None
+            if "from" in rm:
+                sources = tuple(Source(**_match_fields(ctx, alt, f, _SOURCE_KEYS))
+                                for alt, f in _alternatives(ctx, rm["from"], f"{rf}.from"))
+            if "to" in rm:
+                operations = tuple(Operation(**_match_fields(ctx, alt, f, _OPERATION_KEYS))
+                                   for alt, f in _alternatives(ctx, rm["to"], f"{rf}.to"))
+            rules.append(Rule(sources, operations))
+    return Policy(name, service, action, tuple(rules))
+
+
+def _alternatives(ctx: _Ctx, node: _Node, field: str) -> list[tuple[_Node, str]]:
+    """``from``/``to``: one mapping, or a non-empty list of them."""
+    if isinstance(node.value, list):
+        if not node.value:
+            raise ctx.fail(node, field, "an empty list matches nothing; leave the key out to match anything")
+        return [(alt, f"{field}[{k}]") for k, alt in enumerate(node.value)]
+    return [(node, field)]
+
+
+def _match_fields(ctx: _Ctx, node: _Node, field: str, keys: tuple[str, ...]) -> dict:
+    m = ctx.mapping(node, field, set(keys))
+    out = {}
+    for key, vnode in m.items():
+        kf = f"{field}.{key}"
+        values = ctx.seq(vnode, kf)
+        if not values:
+            raise ctx.fail(vnode, kf, "an empty list matches nothing; leave the key out to match anything")
+        got = []
+        for k, v in enumerate(values):
+            vf = f"{kf}[{k}]"
+            if key.endswith("ports"):
+                port = v.value
+                if isinstance(port, str) and port.isdigit():
+                    port = int(port)
+                if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                    raise ctx.fail(v, vf, f"expected a port number (1-65535), got {_kind(v.value)}")
+                got.append(port)
+                continue
+            text = ctx.string(v, vf)
+            if not valid_pattern(text):
+                raise ctx.fail(v, vf, f"{text!r}: '*' may only be the whole value, its start or its end")
+            if key.endswith("methods") and not _METHOD.match(text):
+                raise ctx.fail(v, vf, f"{text!r} is not an HTTP method (upper case, e.g. GET)")
+            if key.endswith("paths") and not text.startswith(("/", "*")):
+                raise ctx.fail(v, vf, f"{text!r}: a path starts with '/' (or is a '*' suffix pattern)")
+            if key.endswith("principals") and text != "*" and not text.startswith("*"):
+                try:
+                    full = text if text.startswith("spiffe://") else f"spiffe://{text}"
+                    SpiffeId.parse(full.rstrip("*").rstrip("/"))
+                except SpiffeIdError as exc:
+                    raise ctx.fail(v, vf, f"{text!r} is not a SPIFFE ID (or a prefix/suffix of one): {exc}") from None
+            got.append(text)
+        out[key] = tuple(got)
+    return out
 
 
 def load_config(path: str | Path) -> MeshConfig:

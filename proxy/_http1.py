@@ -13,6 +13,17 @@ downstream connection is cut), DC (the downstream went away), UPE 502 (upstream 
 A stale kept-alive upstream connection that fails before any response is retried once on a new
 connection, when the request has no body (so nothing is sent twice that cannot be sent again).
 
+Mesh mTLS (:mod:`tracemesh.proxy._mtls`): an inbound connection is first accepted by the
+sidecar's mode (STRICT, PERMISSIVE, DISABLE), which yields the stream to speak HTTP over and the
+peer's verified SPIFFE ID, if any. That principal, and nothing the request says, is the caller's
+identity: it is on the span (``mesh.source.principal``, ``mesh.connection_security_policy``), it
+names the source service when the mesh config maps it to one (else its service account does), and
+authorization policies (:mod:`tracemesh.proxy._authz`) judge it; a denied request gets 403
+``RBAC: access denied`` with the response flag ``RBAC``. ``x-tracemesh-peer`` from a caller then
+only contributes the version of the service its certificate proves; ``x-forwarded-client-cert``
+from a caller is always dropped, and set (Envoy's ``By=...;URI=...``) for an mTLS caller.
+Outbound, a destination whose mode is not DISABLE is reached over mTLS and verified by SPIFFE ID.
+
 Cancellation: cancelling a connection task closes both connections of the exchange in flight and
 still records its span (flag DC).
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from http import HTTPStatus
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -28,7 +40,12 @@ import h11
 import trio
 
 from tracemesh.net import Addr
-from tracemesh.proxy._pool import ConnectError, Pool, UpstreamConn
+from tracemesh.proxy._authz import DENIED_BODY, RBAC_FLAG, Authorizer
+from tracemesh.proxy._authz import Request as AuthzRequest
+from tracemesh.proxy._config import DEFAULT_MTLS, MTLS_DISABLE, MTLS_STRICT, MeshConfig
+from tracemesh.proxy._mtls import PLAINTEXT as PLAINTEXT_PEER
+from tracemesh.proxy._mtls import MeshTls, Peer
+from tracemesh.proxy._pool import PLAINTEXT, ConnectError, Pool, Security, UpstreamConn
 from tracemesh.proxy._recorder import (
     KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, SpanRecord, SpanRecorder,
 )
@@ -52,9 +69,12 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"expect",
 })
-#: Caller identity, set by the calling sidecar and stripped before the app sees it. With mTLS
-#: this will come from the peer certificate instead; until then it is informational only.
+#: The caller's service and version, set by the calling sidecar and stripped before the app sees
+#: it. A claim, not an identity: with mTLS the service comes from the peer certificate, and only
+#: the version of that service is taken from here; without mTLS it is informational only.
 PEER_HEADER = b"x-tracemesh-peer"
+#: Envoy's header for the caller's verified certificate identity; never taken from a caller.
+XFCC_HEADER = b"x-forwarded-client-cert"
 
 
 class ProxyError(Exception):
@@ -119,6 +139,13 @@ def _forwardable(headers) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
 
 
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 def _is_chunked(headers) -> bool:
     te = _header(headers, b"transfer-encoding")
     return te is not None and te.strip().lower().endswith(b"chunked")
@@ -127,13 +154,37 @@ def _is_chunked(headers) -> bool:
 class Sidecar:
     """The data path of one sidecar; :meth:`handle` serves one downstream connection."""
 
-    def __init__(self, *, service: str, version: str, app: Addr, router: Router, recorder: SpanRecorder) -> None:
+    def __init__(self, *, service: str, version: str, app: Addr, router: Router, recorder: SpanRecorder,
+                 tls: MeshTls | None = None) -> None:
         self.service, self.version, self.app = service, version, app
         self.router, self.recorder = router, recorder
-        self.pool = Pool()
+        self.tls = tls if tls is not None else MeshTls(None, MTLS_DISABLE)
+        self.pool = Pool(self.tls)
         self._peer_value = f"{service};{version}".encode()
+        self._authz_config: MeshConfig | None = None
+        self._authz = Authorizer()
+        self.denied = 0
+
+    def _authorizer(self) -> Authorizer:
+        config = self.router.config
+        if config is not self._authz_config:  # rebuilt once per config (re)load
+            self._authz, self._authz_config = Authorizer(config.policies), config
+        return self._authz
 
     async def handle(self, stream: trio.SocketStream, direction: str) -> None:
+        peer, port = PLAINTEXT_PEER, 0
+        if direction == "inbound":
+            try:
+                port = stream.socket.getsockname()[1]
+            except OSError:
+                pass
+            accepted = await self.tls.accept(stream)
+            if accepted is None:
+                return  # refused (and closed): counted and logged by the acceptor
+            stream, peer = accepted
+        await self._serve_connection(stream, direction, peer, port)
+
+    async def _serve_connection(self, stream, direction: str, peer: Peer, port: int) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         first = True
         try:
@@ -156,7 +207,7 @@ class Sidecar:
                 if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEADER_BYTES:
                     await self._local_reply(conn, stream, 431, "request header fields too large", close=True)
                     return
-                await self._exchange(conn, stream, event, direction)
+                await self._exchange(conn, stream, event, direction, peer, port)
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
                 else:
@@ -177,7 +228,7 @@ class Sidecar:
         if close or conn.their_state is not h11.DONE:
             headers.append((b"connection", b"close"))  # an unread request body makes the connection unusable
         try:
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))))
             await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             return False
@@ -185,7 +236,8 @@ class Sidecar:
 
     # -- one request -------------------------------------------------------------------------
 
-    async def _exchange(self, dconn: h11.Connection, dstream, req: h11.Request, direction: str) -> None:
+    async def _exchange(self, dconn: h11.Connection, dstream, req: h11.Request, direction: str,
+                        peer: Peer = PLAINTEXT_PEER, port: int = 0) -> None:
         start_ns = time.time_ns()
         t0 = time.perf_counter_ns()
         headers = list(req.headers)
@@ -218,18 +270,43 @@ class Sidecar:
         ua = _header(headers, b"user-agent")
         if ua:
             a["user_agent.original"] = ua.decode("latin-1")
-        peer = _header(headers, PEER_HEADER)
-        headers = [(k, v) for k, v in headers if k != PEER_HEADER and k != b"traceparent"]
+        claimed = _header(headers, PEER_HEADER)
+        headers = [(k, v) for k, v in headers if k not in (PEER_HEADER, b"traceparent", XFCC_HEADER)]
         upstream: Addr | None = None
+        security = PLAINTEXT
         name = f"{method} {self.service}"
         kind = KIND_SERVER if direction == "inbound" else KIND_CLIENT
+        a["mesh.connection_security_policy"] = peer.security
         try:
             if direction == "inbound":
                 upstream = self.app
                 a["mesh.destination.service"], a["mesh.destination.version"] = self.service, self.version
-                if peer:
-                    src_service, _, src_version = peer.decode("latin-1").partition(";")
-                    a["mesh.source.service"], a["mesh.source.version"] = src_service, src_version
+                claim_service, _, claim_version = (claimed or b"").decode("latin-1").partition(";")
+                if peer.principal is not None:
+                    a["mesh.source.principal"] = str(peer.principal)
+                    a["mesh.destination.principal"] = str(self.tls.identity)  # what the caller verified
+                    source = self.router.config.service_of(peer.principal) or peer.principal.service_account
+                    if source:
+                        a["mesh.source.service"] = source
+                        if claim_service == source and claim_version:
+                            a["mesh.source.version"] = claim_version
+                    headers.append((XFCC_HEADER, f"By={self.tls.identity};URI={peer.principal}".encode()))
+                elif claimed:
+                    a["mesh.source.service"], a["mesh.source.version"] = claim_service, claim_version
+                authz = self._authorizer()
+                if authz.enforces(self.service):
+                    areq = AuthzRequest(str(peer.principal) if peer.principal else None, method, path, port)
+                    decision = authz.check(self.service, areq)
+                    a["mesh.authz.decision"] = decision.decision
+                    if decision.policy:
+                        a["mesh.authz.policy"] = decision.policy
+                    if not decision.allowed:
+                        self.denied += 1
+                        raise ProxyError(403, RBAC_FLAG, DENIED_BODY)
+                    normalized = areq.normalized_path
+                    if normalized != path and path.startswith("/"):
+                        # as Envoy's normalize_path: the app gets the path the policy judged
+                        path_and_query = normalized + (f"?{query}" if query else "")
             else:
                 a["mesh.source.service"], a["mesh.source.version"] = self.service, self.version
                 name = f"{method} unknown"
@@ -249,6 +326,7 @@ class Sidecar:
                 name = f"{method} {pick.service}"
                 a["peer.service"] = a["mesh.destination.service"] = pick.service
                 a["mesh.destination.version"] = pick.endpoint.version
+                security = self._security_to(pick.service)
                 headers.append((PEER_HEADER, self._peer_value))
             a["mesh.upstream.endpoint"] = str(upstream)
             if authority:
@@ -256,7 +334,7 @@ class Sidecar:
             headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
             if not any(k == b"host" for k, _ in headers):
                 headers.insert(0, (b"host", (authority or str(upstream)).encode()))
-            await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span)
+            await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span, security)
         except ProxyError as exc:
             span.flag, span.message = exc.flag, str(exc)
             if dconn.their_state is h11.SEND_BODY:
@@ -276,6 +354,19 @@ class Sidecar:
         finally:
             self._record(span, name, kind, t0)
 
+    def _security_to(self, service: str) -> Security:
+        """mTLS to a destination whose mode is not DISABLE, when this sidecar has a certificate."""
+        svc = self.router.config.services.get(service)
+        mode = svc.mtls if svc is not None else DEFAULT_MTLS
+        if mode == MTLS_DISABLE:
+            return PLAINTEXT
+        if not self.tls.can_originate:
+            if mode == MTLS_STRICT:
+                raise ProxyError(503, "UF", f"service {service!r} takes mTLS only (strict) and this sidecar "
+                                            f"has no workload identity (--identity)")
+            return PLAINTEXT
+        return Security(True, svc.identity if svc is not None else None)
+
     def _record(self, span: _Span, name: str, kind: int, t0: int) -> None:
         if not span.sampled:
             return
@@ -286,7 +377,9 @@ class Sidecar:
         a["http.request.body.size"] = span.req_bytes
         a["http.response.body.size"] = span.resp_bytes
         limit = 500 if kind == KIND_SERVER else 400  # OTel semconv: a 4xx is the client's error, not the server's
-        failed = span.status is None or span.status >= limit or span.flag not in ("-", "DC")
+        # a policy's 403 is the mesh working, not failing: a server error only for a client span
+        ok_flags = ("-", "DC", RBAC_FLAG) if kind == KIND_SERVER else ("-", "DC")
+        failed = span.status is None or span.status >= limit or span.flag not in ok_flags
         if span.flag == "DC" and span.status is None:
             failed = kind == KIND_CLIENT
         status = STATUS_ERROR if failed else STATUS_UNSET
@@ -295,7 +388,8 @@ class Sidecar:
         self.recorder.record(SpanRecord(span.trace_id, span.span_id, span.parent, name, kind,
                                         span.start_ns, end_ns, a, status, message))
 
-    async def _forward(self, dconn, dstream, req: h11.Request, headers, target: str, upstream: Addr, span: _Span) -> None:
+    async def _forward(self, dconn, dstream, req: h11.Request, headers, target: str, upstream: Addr, span: _Span,
+                       security: Security = PLAINTEXT) -> None:
         chunked = _is_chunked(headers)
         length = _header(headers, b"content-length")
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
@@ -309,9 +403,13 @@ class Sidecar:
         deadline = trio.current_time() + ROUTE_TIMEOUT_S
         for attempt in (1, 2):
             try:
-                uc = await self.pool.acquire(upstream)
+                uc = await self.pool.acquire(upstream, security)
             except ConnectError as exc:
                 raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
+            if uc.peer is not None:
+                span.attrs["mesh.connection_security_policy"] = "mutual_tls"
+                span.attrs["mesh.source.principal"] = str(self.tls.identity)  # what the upstream verified
+                span.attrs["mesh.destination.principal"] = str(uc.peer)
             try:
                 resp = await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline)
                 break

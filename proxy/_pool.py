@@ -1,4 +1,5 @@
-"""Kept-alive upstream HTTP/1.1 connections, per endpoint.
+"""Kept-alive upstream HTTP/1.1 connections, per endpoint and per security (plaintext, or mesh mTLS
+to an expected peer identity: a connection made for one is never reused for the other).
 
 A connection goes back to the pool only when its h11 state says the exchange ended cleanly and
 both sides can go on; the pool keeps at most :data:`MAX_IDLE_PER_ENDPOINT` per endpoint and closes
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from tracemesh.identity import SpiffeId
 from tracemesh.net import Addr
 
 MAX_IDLE_PER_ENDPOINT = 64
@@ -23,13 +25,27 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_HEADER_BYTES = 64 * 1024
 
 
+@dataclass(frozen=True)
+class Security:
+    """How to reach an upstream: ``mtls`` with the workload certificate, the peer verified to be
+    in our trust domain and, when ``expected`` is set, exactly that identity."""
+
+    mtls: bool = False
+    expected: SpiffeId | None = None
+
+
+PLAINTEXT = Security()
+
+
 @dataclass
 class UpstreamConn:
     addr: Addr
-    stream: trio.SocketStream
+    stream: trio.abc.Stream  # a SocketStream, or an SSLStream over one
     h11: h11.Connection
     reused: bool = False
     idle_since: float = field(default_factory=time.monotonic)
+    security: Security = PLAINTEXT
+    peer: SpiffeId | None = None  # the upstream's verified identity (mTLS only)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -41,13 +57,19 @@ class ConnectError(Exception):
 
 
 class Pool:
-    def __init__(self) -> None:
-        self._idle: dict[Addr, list[UpstreamConn]] = {}
-        self.opened = 0
+    """``tls`` (a :class:`tracemesh.proxy._mtls.MeshTls`) runs the client handshake of mTLS
+    connections; without it only plaintext connections can be made."""
 
-    async def acquire(self, addr: Addr) -> UpstreamConn:
-        """An idle kept-alive connection to *addr*, or a new one. Raises ConnectError."""
-        idle = self._idle.get(addr)
+    def __init__(self, tls=None) -> None:
+        self._idle: dict[tuple[Addr, Security], list[UpstreamConn]] = {}
+        self.opened = 0
+        self.tls = tls
+
+    async def acquire(self, addr: Addr, security: Security = PLAINTEXT) -> UpstreamConn:
+        """An idle kept-alive connection to *addr* with this *security*, or a new one (TCP
+        connect, then the TLS handshake and peer check for mTLS, all within
+        :data:`CONNECT_TIMEOUT_S`). Raises ConnectError."""
+        idle = self._idle.get((addr, security))
         now = time.monotonic()
         while idle:
             c = idle.pop()
@@ -55,15 +77,26 @@ class Pool:
                 c.reused = True
                 return c
             await c.aclose()
+        deadline = trio.current_time() + CONNECT_TIMEOUT_S
         try:
-            with trio.fail_after(CONNECT_TIMEOUT_S):
+            with trio.fail_at(deadline):
                 stream = await trio.open_tcp_stream(addr.host, addr.port)
         except trio.TooSlowError:
             raise ConnectError(f"connect to {addr} timed out after {CONNECT_TIMEOUT_S:.0f}s") from None
         except OSError as exc:
             raise ConnectError(f"connect to {addr} failed: {exc.strerror or exc}") from None
+        peer = None
+        if security.mtls:
+            from tracemesh.proxy._mtls import UpstreamTlsError
+
+            try:
+                stream, peer = await self.tls.connect(stream, security.expected,
+                                                      max(0.0, deadline - trio.current_time()))
+            except UpstreamTlsError as exc:
+                raise ConnectError(f"mTLS to {addr} failed: {exc}") from None
         self.opened += 1
-        return UpstreamConn(addr, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+        return UpstreamConn(addr, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES),
+                            security=security, peer=peer)
 
     async def release(self, c: UpstreamConn) -> None:
         """Keep *c* for reuse when its exchange ended cleanly; close it otherwise."""
@@ -73,7 +106,7 @@ class Pool:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 pass
-        idle = self._idle.setdefault(c.addr, [])
+        idle = self._idle.setdefault((c.addr, c.security), [])
         if conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and len(idle) < MAX_IDLE_PER_ENDPOINT:
             c.idle_since = time.monotonic()
             idle.append(c)

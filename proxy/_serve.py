@@ -1,6 +1,9 @@
 """``tracemesh sidecar``: listeners, config, span export, and an orderly stop.
 
-Start: load the config (a bad file is an error at start), open both listeners, start the exporter.
+Start: load the config (a bad file is an error at start), start the exporter; with ``--identity``,
+get the workload certificate from the collector's mesh CA (retrying with backoff until it comes;
+renewed at half-life from then on), then open both listeners, so that a sidecar that listens can
+serve mTLS. Without an identity the listeners open at once.
 The config file is re-read when it changes; a change that does not validate is logged and the last
 good config stays in force. SIGTERM/SIGINT: stop accepting, give open exchanges
 :data:`DRAIN_S` to finish, then flush queued spans for at most :data:`FLUSH_S`.
@@ -13,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from datetime import datetime, timezone
 
 import trio
 
@@ -20,6 +24,7 @@ from tracemesh import __version__
 from tracemesh.net import Addr
 from tracemesh.proxy._config import ConfigError, MeshConfig, load_config
 from tracemesh.proxy._http1 import Sidecar
+from tracemesh.proxy._mtls import MTLS_DISABLE, MTLS_PERMISSIVE, CaClient, MeshTls
 from tracemesh.proxy._recorder import OTLPExporter, SpanRecorder
 from tracemesh.proxy._router import Router
 
@@ -61,10 +66,51 @@ async def _watch_config(path: str, router: Router, mtime: float) -> None:
         log.info("config reloaded from %s: %d services, %d routes", path, len(cfg.services), len(cfg.routes))
 
 
+class UsageError(Exception):
+    """Flags that do not go together; exit status 2, as argparse's own errors."""
+
+
+def _identity_setup(identity: str | None, token: str | None, token_file: str | None, mtls: str | None,
+                    collector: Addr):
+    """The workload credential (not yet obtained), its CA client and the inbound mode."""
+    from tracemesh.identity import RotatingCredentials, SpiffeId, SpiffeIdError
+
+    if identity is None:
+        if mtls not in (None, MTLS_DISABLE):
+            raise UsageError(f"--mtls {mtls} needs --identity (a workload certificate to serve mTLS with)")
+        if token or token_file:
+            raise UsageError("--token and --token-file go with --identity")
+        return None, None, MTLS_DISABLE
+    try:
+        sid = SpiffeId.parse(identity)
+    except SpiffeIdError as exc:
+        raise UsageError(f"--identity {identity!r} is not a SPIFFE ID: {exc}") from None
+    if not sid.is_workload:
+        raise UsageError(f"--identity {identity!r} is not a workload identity spiffe://<trust-domain>/ns/<ns>/sa/<sa>")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file {token_file}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError("--identity needs a join token (--token or --token-file) for its first certificate")
+    client = CaClient(collector, sid, token)
+    creds = RotatingCredentials(sid, client.obtain, max_retry_s=10.0)
+    client.creds = creds
+    return creds, client, mtls or MTLS_PERMISSIVE
+
+
 async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: Addr, collector: Addr,
-                config: str | None) -> int:
+                config: str | None, identity: str | None = None, token: str | None = None,
+                token_file: str | None = None, mtls: str | None = None) -> int:
+    creds, ca_client, mode = _identity_setup(identity, token, token_file, mtls, collector)
     cfg = load_config(config) if config else MeshConfig.empty()
     mtime = os.stat(config).st_mtime if config else 0.0
+    own = cfg.services.get(service)
+    if creds is not None and own is not None and own.identity is not None and own.identity != creds.spiffe_id:
+        log.warning("the mesh config says service %s is %s, but this sidecar is %s: callers that check "
+                    "the identity will refuse it", service, own.identity, creds.spiffe_id)
     router = Router(cfg)
     recorder = SpanRecorder()
     resource = {
@@ -76,13 +122,39 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
         "telemetry.sdk.version": __version__,
         "mesh.component": "sidecar",
     }
+    if creds is not None:
+        resource["mesh.identity"] = str(creds.spiffe_id)
     exporter = OTLPExporter(recorder, str(collector), resource, __version__)
-    sidecar = Sidecar(service=service, version=version, app=app, router=router, recorder=recorder)
-    in_listeners = await trio.open_tcp_listeners(inbound.port, host=inbound.host)
-    out_listeners = await trio.open_tcp_listeners(outbound.port, host=outbound.host)
+    tls = MeshTls(creds, mode)
+    sidecar = Sidecar(service=service, version=version, app=app, router=router, recorder=recorder, tls=tls)
+    in_listeners = out_listeners = None
+    if creds is None:
+        in_listeners = await trio.open_tcp_listeners(inbound.port, host=inbound.host)
+        out_listeners = await trio.open_tcp_listeners(outbound.port, host=outbound.host)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(exporter.run)
+            id_note = ""
+            if creds is not None:
+                log.info("asking the mesh CA at %s for a certificate for %s", collector, creds.spiffe_id)
+                with trio.CancelScope() as waiting:
+                    async def stop_on_signal():
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                            async for _ in signals:
+                                waiting.cancel()
+                                return
+                    async with trio.open_nursery() as w:
+                        w.start_soon(stop_on_signal)
+                        await outer.start(creds.run)
+                        w.cancel_scope.cancel()
+                if not creds.ready:  # a signal while the CA was not answering
+                    outer.cancel_scope.cancel()
+                    return 0
+                in_listeners = await trio.open_tcp_listeners(inbound.port, host=inbound.host)
+                out_listeners = await trio.open_tcp_listeners(outbound.port, host=outbound.host)
+                id_note = (f"; identity {creds.spiffe_id}, certificate until "
+                           f"{datetime.fromtimestamp(creds.not_after, timezone.utc).isoformat(timespec='seconds')}, "
+                           f"inbound mTLS {mode}")
             if config:
                 outer.start_soon(_watch_config, config, router, mtime)
             async with trio.open_nursery() as conns:
@@ -100,7 +172,7 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
 
                 conns.start_soon(accept_loop)
                 print(f"tracemesh sidecar {service}/{version}: inbound {inbound} -> app {app}, "
-                      f"outbound {outbound}, spans to {collector}", flush=True)
+                      f"outbound {outbound}, spans to {collector}{id_note}", flush=True)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         break
@@ -112,17 +184,34 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
         with trio.CancelScope(shield=True):
             await sidecar.pool.aclose()
         exporter.close()
+        if ca_client is not None:
+            ca_client.close()
         s = recorder.stats
         print(f"tracemesh sidecar {service}/{version}: recorded {s.recorded} spans, exported {s.exported}, "
               f"dropped {s.dropped + s.export_dropped}", flush=True)
+        t = tls.stats
+        if creds is not None:
+            print(f"tracemesh sidecar {service}/{version}: mTLS {mode}: {t.handshakes} inbound handshakes, "
+                  f"{t.plaintext} plaintext connections, {t.refused} refused ({t.refused_plaintext} plaintext, "
+                  f"{t.refused_handshake} failed handshakes, {t.refused_identity} wrong identity, "
+                  f"{t.timeouts} timeouts); {t.upstream_handshakes} upstream handshakes, "
+                  f"{t.upstream_failures} failed; {creds.generation} certificates, {creds.failures} failed "
+                  f"calls to the CA; {sidecar.denied} requests denied by policy", flush=True)
+        elif sidecar.denied:
+            print(f"tracemesh sidecar {service}/{version}: {sidecar.denied} requests denied by policy", flush=True)
     return 0
 
 
 def serve(*, service: str, version: str, app: Addr, inbound: Addr, outbound: Addr, collector: Addr,
-          config: str | None) -> int:
+          config: str | None, identity: str | None = None, token: str | None = None,
+          token_file: str | None = None, mtls: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return trio.run(_main, service, version, app, inbound, outbound, collector, config)
+        return trio.run(_main, service, version, app, inbound, outbound, collector, config,
+                        identity, token, token_file, mtls)
+    except UsageError as exc:
+        print(f"tracemesh sidecar: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"tracemesh sidecar: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""The whole slice, real on every step: apps with the OpenTelemetry SDK behind real sidecars,
-a real collector on embedded ClickHouse, real HTTP requests, and the stored traces checked."""
+"""The whole slice, real on every step: apps with the OpenTelemetry SDK behind real sidecars that
+hold certificates from the collector's mesh CA and speak STRICT mTLS, a real collector on embedded
+ClickHouse, real HTTP requests over mTLS, and the stored traces checked, peer identities included."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def mesh(tmp_path_factory):
         m.close()
 
 
-def _get(addr, path, headers):
-    conn = http.client.HTTPConnection(addr.host, addr.port, timeout=15)
+def _get(mesh, addr, path, headers):
+    conn = http.client.HTTPSConnection(addr.host, addr.port, timeout=15, context=mesh.client_context())
     try:
         conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
@@ -46,7 +47,7 @@ def test_one_request_is_one_trace_across_every_hop(mesh):
     for _ in range(10):
         trace_id = secrets.token_hex(16)
         parent = secrets.token_hex(8)
-        status, body, _ = _get(mesh.entry.inbound, "/item/lamp",
+        status, body, _ = _get(mesh, mesh.entry.inbound, "/item/lamp",
                                {"traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": f"req-{trace_id[:8]}"})
         if status == 200:
             break
@@ -121,6 +122,29 @@ def test_one_request_is_one_trace_across_every_hop(mesh):
     assert fe_out["attrs"]["mesh.destination.version"] in ("v1", "v2")
     assert cat_in["res"]["service.version"] == fe_out["attrs"]["mesh.destination.version"]
 
+    # every hop is mutual TLS, and each side names the other's verified identity
+    ident = lambda sa: f"spiffe://cluster.local/ns/demo/sa/{sa}"  # noqa: E731
+    assert fe_in["attrs"]["mesh.source.principal"] == ident("loadgen")  # the mesh client the test is
+    for out, inn, src, dst in ((fe_out, cat_in, "frontend", "catalog"), (cat_out, pr_in, "catalog", "pricing")):
+        for s in (out, inn):
+            assert s["attrs"]["mesh.connection_security_policy"] == "mutual_tls"
+            assert s["attrs"]["mesh.source.principal"] == ident(src)
+            assert s["attrs"]["mesh.destination.principal"] == ident(dst)
+        assert inn["res"]["mesh.identity"] == ident(dst)
+    assert fe_in["attrs"]["mesh.connection_security_policy"] == "mutual_tls"
+
+
+def test_sidecars_are_strict_and_present_their_identities(mesh):
+    certs = {c.workload: c for c in mesh.presented_certs()}
+    assert {w: c.identity for w, c in certs.items()} == {
+        w.name: f"spiffe://cluster.local/ns/demo/sa/{w.service}" for w in mesh.workloads}
+    for w in mesh.workloads:  # plaintext into the mesh is refused: the connection is closed
+        conn = http.client.HTTPConnection(w.inbound.host, w.inbound.port, timeout=10)
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            conn.request("GET", "/")
+            conn.getresponse()
+        conn.close()
+
 
 def test_store_owned_by_running_collector_points_to_api(mesh, tracemesh_cmd):
     r = subprocess.run([*tracemesh_cmd, "sql", "--store", str(mesh.store), "SELECT 1"],
@@ -150,6 +174,9 @@ def test_demo_then_sql_on_its_store(tmp_path, tracemesh_cmd):
     assert "requests sent:" in out and "spans stored:" in out and "waterfall" in out
     for svc in ("frontend", "catalog", "pricing"):
         assert svc in out
+        assert f"spiffe://cluster.local/ns/demo/sa/{svc}" in out  # each workload's identity ...
+    assert "workload identities" in out and "certificate expires" in out  # ... and its certificate's expiry
+    assert "mutual_tls" in out  # the callers, as the sidecars verified them
     assert f"tracemesh sql --store {store}" in out
     r = subprocess.run([*tracemesh_cmd, "sql", "--store", str(store), "--format", "json",
                         "SELECT count() AS spans, uniqExactIf(TraceId, n >= 3) AS deep FROM "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tracemesh import _args
 from tracemesh.net import parse_addr
 
 DEFAULT_OTLP_GRPC = "127.0.0.1:4317"
@@ -16,21 +17,7 @@ DEFAULT_API = "127.0.0.1:7070"  # collector query API; 7070 is unassigned and ea
 DEFAULT_STORE = "tracemesh-data"
 
 
-def _addr(text: str):
-    try:
-        return parse_addr(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
+_addr, _positive_int = _args.addr, _args.positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-message-mb", type=_positive_int, default=16,
                    help="largest OTLP message accepted, after decompression (default: %(default)s)")
     c.add_argument("--ttl-days", type=int, default=0, help="keep data this many days; 0 keeps it (default: %(default)s)")
+    c.add_argument("--python-encoder", action="store_true",
+                   help="encode trace exports in Python instead of letting the embedded ClickHouse parse them "
+                        "(slower; the same rows)")
+    c.add_argument("--ca", metavar="DIR", default=None,
+                   help="serve the mesh CA kept in DIR (made by `tracemesh ca init`): first certificates for "
+                        "join tokens on the OTLP/gRPC port, renewals over mTLS on --ca-mtls (default: off)")
+    c.add_argument("--ca-mtls", metavar="ADDR", type=_addr, default=None,
+                   help="the CA's mTLS renewal port (default: the OTLP/gRPC host, port 15012)")
 
     s = sub.add_parser("sidecar", help="run a sidecar proxy beside one workload")
     s.add_argument("--service", required=True, help="the workload's service name")
@@ -63,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inbound", type=_addr, required=True, help="listen address that fronts the app")
     s.add_argument("--outbound", type=_addr, required=True, help="listen address for the app's outgoing calls")
     s.add_argument("--collector", type=_addr, required=True, help="collector OTLP/gRPC address")
-    s.add_argument("--config", help="static mesh config (YAML): services, endpoints, routes")
+    s.add_argument("--config", help="static mesh config (YAML): services, endpoints, routes, mTLS modes, policies")
+    s.add_argument("--identity", metavar="SPIFFE_ID", default=None,
+                   help="the workload's identity, spiffe://<trust-domain>/ns/<ns>/sa/<sa>: the sidecar makes a key, "
+                        "gets its certificate from the collector's mesh CA and renews it at half-life")
+    tok = s.add_mutually_exclusive_group()
+    tok.add_argument("--token", default=None, help="join token for the first certificate (`tracemesh token create`)")
+    tok.add_argument("--token-file", default=None, help="read the join token from this file")
+    s.add_argument("--mtls", choices=("strict", "permissive", "disable"), default=None,
+                   help="inbound: strict takes mesh mTLS only, permissive mTLS or plaintext on the same port, "
+                        "disable plaintext only (default: permissive with --identity, else disable)")
 
     q = sub.add_parser("sql", help="run read-only SQL over the store")
     where = q.add_mutually_exclusive_group()
@@ -95,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             otlp_http = None if args.otlp_http == "off" else parse_addr(args.otlp_http)
         except ValueError as exc:
             build_parser().error(str(exc))
+        if args.ca_mtls is not None and not args.ca:
+            build_parser().error("--ca-mtls goes with --ca (the CA directory to serve)")
         return serve(CollectorOptions(
             store=args.store, otlp_grpc=args.otlp_grpc, otlp_http=otlp_http, api=api, wal_dir=args.wal,
             wal_max_bytes=args.wal_max_mb * 1024 * 1024, max_message_bytes=args.max_message_mb * 1024 * 1024,
-            ttl_days=args.ttl_days, clickhouse=args.clickhouse))
+            ttl_days=args.ttl_days, clickhouse=args.clickhouse, ca_dir=args.ca, ca_mtls=args.ca_mtls,
+            native_traces=not args.python_encoder))
     if args.command == "sidecar":
         from tracemesh.proxy import serve
 
@@ -110,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             outbound=args.outbound,
             collector=args.collector,
             config=args.config,
+            identity=args.identity,
+            token=args.token,
+            token_file=args.token_file,
+            mtls=args.mtls,
         )
     if args.command == "sql":
         from tracemesh.query.cli import run_sql

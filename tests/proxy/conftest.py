@@ -16,6 +16,14 @@ def otlp():
 
 
 @pytest.fixture(scope="session")
+def openssl() -> str:
+    exe = shutil.which("openssl")
+    if exe is None:
+        pytest.skip("openssl is not installed (Debian package: openssl)")
+    return exe
+
+
+@pytest.fixture(scope="session")
 def curl() -> str:
     exe = shutil.which("curl")
     if exe is None:

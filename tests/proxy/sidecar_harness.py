@@ -56,14 +56,17 @@ class RecvSpan:
 
 
 class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """A grpcio TraceService that keeps every span it is sent."""
+    """A grpcio TraceService that keeps every span it is sent. *handlers* are served beside it on
+    the same port, as the collector serves the mesh CA's bootstrap door beside OTLP."""
 
-    def __init__(self) -> None:
+    def __init__(self, handlers: tuple = ()) -> None:
         self.spans: list[RecvSpan] = []
         self.requests = 0
         self._cond = threading.Condition()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-otlp"))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        if handlers:
+            self.server.add_generic_rpc_handlers(tuple(handlers))
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.addr = Addr("127.0.0.1", port)
         self.server.start()
@@ -325,13 +328,13 @@ def distinct_ports(n: int) -> list[int]:
 
 
 def sidecar_cmd(*, service: str, version: str, app: Addr, inbound: Addr, outbound: Addr,
-                collector: Addr, config: Path | None) -> list[str]:
+                collector: Addr, config: Path | None, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "tracemesh", "sidecar", "--service", service, "--version", version,
            "--app", str(app), "--inbound", str(inbound), "--outbound", str(outbound),
            "--collector", str(collector)]
     if config is not None:
         cmd += ["--config", str(config)]
-    return cmd
+    return cmd + list(extra)
 
 
 @dataclass
@@ -344,6 +347,7 @@ class SidecarProc:
     collector: Addr
     config: Path | None = None
     version: str = "v1"
+    extra: tuple[str, ...] = ()  # more flags: --identity, --token-file, --mtls
     inbound: Addr = field(init=False)
     outbound: Addr = field(init=False)
     proc: subprocess.Popen | None = field(init=False, default=None)
@@ -355,11 +359,17 @@ class SidecarProc:
         self.stderr_path = self.workdir / f"sidecar-{self.service}-{self.version}-{p_in}.err"
 
     def start(self) -> "SidecarProc":
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> "SidecarProc":
         cmd = sidecar_cmd(service=self.service, version=self.version, app=self.app, inbound=self.inbound,
-                          outbound=self.outbound, collector=self.collector, config=self.config)
+                          outbound=self.outbound, collector=self.collector, config=self.config, extra=self.extra)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd[1:]], stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_ready(self) -> "SidecarProc":
         # the banner is printed once both listeners are open and the signal handler is next
         deadline = time.monotonic() + START_TIMEOUT_S
         while "tracemesh sidecar" not in self.stdout():
@@ -403,6 +413,15 @@ class SidecarProc:
             self.proc.wait()
 
 
+def start_all(sidecars: list[SidecarProc]) -> list[SidecarProc]:
+    """Start several sidecars at once (their imports and first certificates overlap)."""
+    for sc in sidecars:
+        sc.spawn()
+    for sc in sidecars:
+        sc.wait_ready()
+    return sidecars
+
+
 def write_config(path: Path, services: dict[str, list[tuple[Addr, str]]],
                  routes: dict[str, dict[str, int]] | None = None) -> Path:
     """A mesh config file for *services* ({name: [(address, version), ...]}) and weighted *routes*."""
@@ -422,6 +441,14 @@ def write_config(path: Path, services: dict[str, list[tuple[Addr, str]]],
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)  # the sidecar never reads half a file
+    return path
+
+
+def write_mesh(path: Path, config: dict) -> Path:
+    """Any mesh config, written as JSON (which is YAML) and replaced whole."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 

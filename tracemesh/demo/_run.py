@@ -33,15 +33,18 @@ class LoadStats:
         self.lock = threading.Lock()
 
 
-def _drive(entry: str, rps: float, seconds: float, stats: LoadStats, stop: threading.Event, show) -> None:
-    """Open-loop load at *rps* spread over worker threads, each with a kept-alive connection."""
+def _drive(entry: str, rps: float, seconds: float, stats: LoadStats, stop: threading.Event, show,
+           context=None) -> None:
+    """Open-loop load at *rps* spread over worker threads, each with a kept-alive connection
+    (over mTLS with *context*, an ``ssl.SSLContext``, when given)."""
     host, _, port = entry.rpartition(":")
     interval = LOAD_WORKERS / rps
     t_start = time.monotonic()
     t_end = t_start + seconds
 
     def worker(n: int) -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn = (http.client.HTTPSConnection(host, int(port), timeout=10, context=context) if context is not None
+                else http.client.HTTPConnection(host, int(port), timeout=10))
         next_at = t_start + n * interval / LOAD_WORKERS
         while not stop.is_set():
             now = time.monotonic()
@@ -119,6 +122,25 @@ def _wait_for_spans(api: str) -> int:
         time.sleep(0.5)
 
 
+def identities(certs, api: str) -> str:
+    """Each workload's identity and the certificate its sidecar presented, then who called whom as
+    the sidecars verified it (the peer identities on the inbound spans)."""
+    out = ["\nworkload identities (STRICT mTLS; certificates from the mesh CA, renewed at half-life):"]
+    out.append(table(["workload", "identity (SPIFFE ID)", "certificate expires"],
+                     [[c.workload, c.identity, c.not_after] for c in certs]))
+    rows = _sql(api, """
+        SELECT SpanAttributes['mesh.source.principal'] AS source, ServiceName AS destination,
+               SpanAttributes['mesh.connection_security_policy'] AS security, count() AS requests
+        FROM otel_traces
+        WHERE SpanKind = 'Server' AND ScopeName = 'tracemesh.proxy'
+        GROUP BY source, destination, security ORDER BY destination, source""")
+    out.append("\ncallers as each sidecar verified them (inbound SERVER spans):")
+    out.append(table(["source principal", "destination", "security", "requests"],
+                     [[r["source"] or "-", r["destination"], r["security"] or "-", r["requests"]] for r in rows],
+                     right=[3]))
+    return "\n".join(out)
+
+
 def summarize(api: str, seconds: float) -> tuple[str, str | None]:
     """The demo's report from the store, through the collector's query API; and the trace it drew."""
     out: list[str] = []
@@ -187,12 +209,15 @@ def run(seconds: float = 20.0, store: str | None = None, rps: float = 40.0) -> i
             say(f"driving {rps:g} req/s into frontend via its sidecar at {mesh.entry.inbound} for {seconds:g}s "
                 f"(catalog v1/v2 split 80/20)")
             stop = threading.Event()
-            _drive(str(mesh.entry.inbound), rps, seconds, stats, stop, _progress_printer(seconds, stats))
+            _drive(str(mesh.entry.inbound), rps, seconds, stats, stop, _progress_printer(seconds, stats),
+                   context=mesh.client_context())
             mesh.check_alive()
+            certs = mesh.presented_certs()
             say("stopping workloads (their sidecars and SDKs flush spans)")
             mesh.stop_workloads()
             stored = _wait_for_spans(mesh.api_url)
             report, trace_id = summarize(mesh.api_url, seconds)
+            report += "\n" + identities(certs, mesh.api_url)
         except KeyboardInterrupt:
             print("\ntracemesh demo: interrupted; stopping every process", file=sys.stderr)
             return 130
