@@ -63,6 +63,8 @@ ROUTE_TIMEOUT_S = 15.0
 #: Between two reads of a streaming body, on either side.
 BODY_IDLE_TIMEOUT_S = 60.0
 READ_CHUNK = 64 * 1024
+#: Writes are gathered up to this size before a send (one syscall for a small exchange).
+COALESCE_BYTES = 64 * 1024
 
 #: Headers of one hop only (RFC 9110 7.6.1), never forwarded; h11 writes the framing we need.
 HOP_BY_HOP = frozenset({
@@ -431,30 +433,44 @@ class Sidecar:
     async def _send_request(self, uc: UpstreamConn, dconn, dstream, out_req, has_body: bool, span: _Span, deadline):
         """Send the request head and body upstream; return the response head."""
         u = uc.h11
+        # Writes are coalesced: what h11 hands over without waiting for the network (the head, a
+        # small body, the end) goes out in one send; a wait for the downstream flushes first.
+        pending = u.send(out_req)
+
+        async def flush() -> None:
+            nonlocal pending
+            if pending:
+                data, pending = pending, b""
+                try:
+                    with trio.fail_after(BODY_IDLE_TIMEOUT_S):
+                        await uc.stream.send_all(data)
+                except trio.TooSlowError:
+                    raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
+
         try:
-            await uc.stream.send_all(u.send(out_req))
-            if dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
-                while True:
-                    try:
+            while dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
+                try:
+                    ev = dconn.next_event()
+                    if ev is h11.NEED_DATA:
+                        await flush()
                         ev = await _next_event(dconn, dstream, BODY_IDLE_TIMEOUT_S)
-                    except trio.TooSlowError:
-                        raise ProxyError(408, "DC", "request body stalled") from None
-                    except h11.RemoteProtocolError as exc:
-                        raise ProxyError(400, "DC", f"bad request body: {exc}") from None
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        raise _DownstreamGone() from None
-                    if isinstance(ev, h11.Data):
-                        span.req_bytes += len(ev.data)
-                        try:
-                            with trio.fail_after(BODY_IDLE_TIMEOUT_S):
-                                await uc.stream.send_all(u.send(ev))
-                        except trio.TooSlowError:
-                            raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
-                    elif isinstance(ev, h11.EndOfMessage):
-                        break
-                    else:
-                        raise _DownstreamGone()
-            await uc.stream.send_all(u.send(h11.EndOfMessage()))
+                except trio.TooSlowError:
+                    raise ProxyError(408, "DC", "request body stalled") from None
+                except h11.RemoteProtocolError as exc:
+                    raise ProxyError(400, "DC", f"bad request body: {exc}") from None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise _DownstreamGone() from None
+                if isinstance(ev, h11.Data):
+                    span.req_bytes += len(ev.data)
+                    pending += u.send(ev)
+                    if len(pending) >= COALESCE_BYTES:
+                        await flush()
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+                else:
+                    raise _DownstreamGone()
+            pending += u.send(h11.EndOfMessage())
+            await flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _UpstreamGone(f"sending the request failed ({exc})") from None
         while True:
@@ -480,14 +496,20 @@ class Sidecar:
         # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0
         headers = _forwardable(resp.headers)
         span.status = resp.status_code
-        try:
-            await dstream.send_all(dconn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _DownstreamGone() from None
+        out = dconn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
         u = uc.h11
+        # Coalesced as in _send_request: a small response that arrived in one read leaves in one send.
         while True:
             try:
-                ev = await _next_event(u, uc.stream, BODY_IDLE_TIMEOUT_S)
+                ev = u.next_event()
+                if ev is h11.NEED_DATA:
+                    if out:
+                        try:
+                            await dstream.send_all(out)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            raise _DownstreamGone() from None
+                        out = b""
+                    ev = await _next_event(u, uc.stream, BODY_IDLE_TIMEOUT_S)
             except trio.TooSlowError:
                 span.flag, span.message = "UT", "upstream response body stalled"
                 raise _DownstreamCut() from None
@@ -497,12 +519,17 @@ class Sidecar:
             try:
                 if isinstance(ev, h11.Data):
                     span.resp_bytes += len(ev.data)
-                    await dstream.send_all(dconn.send(ev))
+                    out += dconn.send(ev)
+                    if len(out) >= COALESCE_BYTES:
+                        await dstream.send_all(out)
+                        out = b""
                 elif isinstance(ev, h11.EndOfMessage):
-                    await dstream.send_all(dconn.send(h11.EndOfMessage()))
+                    await dstream.send_all(out + dconn.send(h11.EndOfMessage()))
                     return
                 else:
                     span.flag, span.message = "UC", "upstream closed mid-response"
+                    if out:  # what did arrive still reaches the client before the cut
+                        await dstream.send_all(out)
                     raise _DownstreamCut()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise _DownstreamGone() from None

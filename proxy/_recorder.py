@@ -12,6 +12,7 @@ Cancellation: cancelling :meth:`OTLPExporter.run` stops exporting; call :meth:`O
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -96,6 +97,85 @@ def encode_request(resource: dict, scope_version: str, spans: list[SpanRecord]) 
     return req.SerializeToString()
 
 
+# -- the same request, written straight to protobuf's wire format ----------------------------
+# encode_request builds message objects (~47 us a span here); this writes the bytes directly with
+# cached key prefixes (~8 us). The test suite checks both parse to the same message.
+
+_pack_d = struct.Struct("<d").pack
+_pack_q = struct.Struct("<Q").pack
+
+
+def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    n &= (1 << 64) - 1  # negative int64 is ten bytes, two's complement
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+_KEY_CACHE: dict[str, bytes] = {}
+_KEY_CACHE_MAX = 4096
+
+
+def _any_value(v) -> bytes:
+    if isinstance(v, str):
+        return _ld(b"\x0a", v.encode())
+    if isinstance(v, bool):
+        return b"\x10\x01" if v else b"\x10\x00"
+    if isinstance(v, int):
+        return b"\x18" + _varint(v)
+    if isinstance(v, float):
+        return b"\x21" + _pack_d(v)
+    return _ld(b"\x0a", str(v).encode())
+
+
+def _key_value(k: str, v) -> bytes:
+    prefix = _KEY_CACHE.get(k)
+    if prefix is None:
+        prefix = _ld(b"\x0a", k.encode()) if k else b""  # proto3 leaves out a default (empty) field
+        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+            _KEY_CACHE[k] = prefix
+    return _ld(b"\x4a", prefix + _ld(b"\x12", _any_value(v)))  # Span.attributes = 9
+
+
+def _span_bytes(s: "SpanRecord") -> bytes:
+    parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
+    if s.parent_span_id:
+        parts += [b"\x22", _varint(len(s.parent_span_id)), s.parent_span_id]
+    if s.name:
+        name = s.name.encode()
+        parts += [b"\x2a", _varint(len(name)), name]
+    if s.kind:
+        parts += [b"\x30", _varint(s.kind)]
+    if s.start_ns:
+        parts += [b"\x39", _pack_q(s.start_ns)]
+    if s.end_ns:
+        parts += [b"\x41", _pack_q(s.end_ns)]
+    parts += [_key_value(k, v) for k, v in s.attributes.items()]
+    st = (_ld(b"\x12", s.status_message.encode()) if s.status_message else b"") + (b"\x18" + _varint(s.status) if s.status else b"")
+    parts.append(_ld(b"\x7a", st))  # Span.status = 15, always present (as the message encoder writes it)
+    return _ld(b"\x12", b"".join(parts))  # ScopeSpans.spans = 2
+
+
+def encode_request_fast(resource: dict, scope_version: str, spans: list["SpanRecord"]) -> bytes:
+    """The bytes of ``encode_request(resource, scope_version, spans)``, without message objects."""
+    # Resource.attributes is field 1 (tag 0x0a), where Span.attributes is 9
+    res = b"".join(_ld(b"\x0a", (_ld(b"\x0a", k.encode()) if k else b"") + _ld(b"\x12", _any_value(v)))
+                   for k, v in resource.items())
+    scope = _ld(b"\x0a", SCOPE_NAME.encode()) + (_ld(b"\x12", scope_version.encode()) if scope_version else b"")
+    scope_spans = _ld(b"\x0a", scope) + b"".join(_span_bytes(s) for s in spans)
+    resource_spans = _ld(b"\x0a", res) + _ld(b"\x12", scope_spans)
+    return _ld(b"\x0a", resource_spans)
+
+
 class SpanRecorder:
     def __init__(self, max_queued: int = MAX_QUEUED_SPANS) -> None:
         self._q: deque[SpanRecord] = deque()
@@ -135,10 +215,13 @@ class OTLPExporter:
     def _send(self, payload: bytes, timeout: float) -> None:
         self._export(payload, timeout=timeout)
 
+    def _encode_and_send(self, batch: list[SpanRecord], timeout: float) -> None:
+        self._export(encode_request_fast(self.resource, self.scope_version, batch), timeout=timeout)
+
     async def _export_batch(self, batch: list[SpanRecord], timeout: float = EXPORT_TIMEOUT_S) -> bool:
-        payload = encode_request(self.resource, self.scope_version, batch)
         try:
-            await trio.to_thread.run_sync(self._send, payload, timeout, abandon_on_cancel=True)
+            # encoding happens in the worker thread too: the event loop only hands the batch over
+            await trio.to_thread.run_sync(self._encode_and_send, batch, timeout, abandon_on_cancel=True)
         except grpc.RpcError as exc:
             self.recorder.stats.export_failures += 1
             now = time.monotonic()

@@ -164,3 +164,24 @@ def test_cancelled_exporter_counts_the_batch_it_held():
         exporter.close()
     assert len(recorder) == 0 and recorder.stats.exported == 0
     assert recorder.stats.export_dropped == 2
+
+
+# -- the hand-written wire encoder writes exactly what the message encoder writes ---------------
+
+from hypothesis import given, settings, strategies as _st  # noqa: E402
+
+from tracemesh.proxy._recorder import encode_request, encode_request_fast  # noqa: E402
+
+_attr_value = _st.one_of(_st.text(max_size=300), _st.booleans(), _st.integers(-2**63, 2**63 - 1),
+                         _st.floats(allow_nan=False))
+_records = _st.builds(
+    SpanRecord, _st.binary(min_size=16, max_size=16), _st.binary(min_size=8, max_size=8),
+    _st.sampled_from([b"", b"\x01" * 8]), _st.text(max_size=40), _st.integers(0, 5),
+    _st.integers(0, 2**64 - 1), _st.integers(0, 2**64 - 1),
+    _st.dictionaries(_st.text(max_size=30), _attr_value, max_size=8), _st.integers(0, 2), _st.text(max_size=20))
+
+
+@given(_st.lists(_records, max_size=5), _st.dictionaries(_st.text(max_size=20), _attr_value, max_size=4), _st.text(max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_fast_encoder_is_byte_identical(spans, resource, version):
+    assert encode_request_fast(resource, version, spans) == encode_request(resource, version, spans)
