@@ -156,6 +156,8 @@ def _is_chunked(headers) -> bool:
 class Sidecar:
     """The data path of one sidecar; :meth:`handle` serves one downstream connection."""
 
+    metrics = None  # a tracemesh.proxy._metrics.MeshMetrics, set by _serve.py
+
     def __init__(self, *, service: str, version: str, app: Addr, router: Router, recorder: SpanRecorder,
                  tls: MeshTls | None = None) -> None:
         self.service, self.version, self.app = service, version, app
@@ -370,6 +372,9 @@ class Sidecar:
         return Security(True, svc.identity if svc is not None else None)
 
     def _record(self, span: _Span, name: str, kind: int, t0: int) -> None:
+        if self.metrics is not None:  # RED metrics count every request, sampled or not
+            self.metrics.observe(span.attrs, (time.perf_counter_ns() - t0) / 1e9, span.req_bytes, span.resp_bytes,
+                                 span.status, span.flag)
         if not span.sampled:
             return
         a = span.attrs

@@ -21,9 +21,12 @@ from datetime import datetime, timezone
 import trio
 
 from tracemesh import __version__
+from tracemesh.httpserve import serve_http
 from tracemesh.net import Addr
+from tracemesh.proxy._admin import ConnectionStats, MetricsExporter, Readiness, admin_handler, sidecar_stats
 from tracemesh.proxy._config import ConfigError, MeshConfig, load_config
 from tracemesh.proxy._http1 import Sidecar
+from tracemesh.proxy._metrics import MeshMetrics
 from tracemesh.proxy._mtls import MTLS_DISABLE, MTLS_PERMISSIVE, CaClient, MeshTls
 from tracemesh.proxy._recorder import OTLPExporter, SpanRecorder
 from tracemesh.proxy._router import Router
@@ -103,7 +106,7 @@ def _identity_setup(identity: str | None, token: str | None, token_file: str | N
 
 async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: Addr, collector: Addr,
                 config: str | None, identity: str | None = None, token: str | None = None,
-                token_file: str | None = None, mtls: str | None = None) -> int:
+                token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None) -> int:
     creds, ca_client, mode = _identity_setup(identity, token, token_file, mtls, collector)
     cfg = load_config(config) if config else MeshConfig.empty()
     mtime = os.stat(config).st_mtime if config else 0.0
@@ -127,6 +130,14 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
     exporter = OTLPExporter(recorder, str(collector), resource, __version__)
     tls = MeshTls(creds, mode)
     sidecar = Sidecar(service=service, version=version, app=app, router=router, recorder=recorder, tls=tls)
+    metrics = MeshMetrics()
+    sidecar.metrics = metrics  # the data path calls metrics.observe() once per request
+    metrics_exporter = MetricsExporter(metrics, str(collector), resource, __version__)
+    conn_stats = ConnectionStats()
+    metrics.stats = sidecar_stats(recorder, tls, sidecar, conn_stats, metrics_exporter)
+    readiness = Readiness(creds)
+    # opened first, so /ready answers (503) while the certificate is still being fetched
+    admin_listeners = await trio.open_tcp_listeners(admin.port, host=admin.host) if admin else None
     in_listeners = out_listeners = None
     if creds is None:
         in_listeners = await trio.open_tcp_listeners(inbound.port, host=inbound.host)
@@ -134,6 +145,9 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
     try:
         async with trio.open_nursery() as outer:
             await outer.start(exporter.run)
+            await outer.start(metrics_exporter.run)
+            if admin_listeners:
+                await outer.start(serve_http, admin_listeners, admin_handler(metrics, readiness))
             id_note = ""
             if creds is not None:
                 log.info("asking the mesh CA at %s for a certificate for %s", collector, creds.spiffe_id)
@@ -160,7 +174,11 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
             async with trio.open_nursery() as conns:
                 async def serve(listeners, direction):
                     async def one(stream):
-                        await sidecar.handle(stream, direction)
+                        conn_stats.opened(direction)
+                        try:
+                            await sidecar.handle(stream, direction)
+                        finally:
+                            conn_stats.closed(direction)
                     await trio.serve_listeners(one, listeners, handler_nursery=conns)
                 accept = trio.CancelScope()
 
@@ -171,19 +189,25 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                             n.start_soon(serve, out_listeners, "outbound")
 
                 conns.start_soon(accept_loop)
+                readiness.listening = True
                 print(f"tracemesh sidecar {service}/{version}: inbound {inbound} -> app {app}, "
-                      f"outbound {outbound}, spans to {collector}{id_note}", flush=True)
+                      f"outbound {outbound}, spans to {collector}{id_note}"
+                      f"{f'; admin http://{admin}' if admin else ''}", flush=True)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         break
+                readiness.draining = True
                 accept.cancel()
                 conns.cancel_scope.deadline = trio.current_time() + DRAIN_S
-            await exporter.flush(FLUSH_S)
+            async with trio.open_nursery() as flushing:  # both bounded by FLUSH_S, side by side
+                flushing.start_soon(exporter.flush, FLUSH_S)
+                flushing.start_soon(metrics_exporter.flush, FLUSH_S)
             outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await sidecar.pool.aclose()
         exporter.close()
+        metrics_exporter.close()
         if ca_client is not None:
             ca_client.close()
         s = recorder.stats
@@ -204,11 +228,11 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
 
 def serve(*, service: str, version: str, app: Addr, inbound: Addr, outbound: Addr, collector: Addr,
           config: str | None, identity: str | None = None, token: str | None = None,
-          token_file: str | None = None, mtls: str | None = None) -> int:
+          token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return trio.run(_main, service, version, app, inbound, outbound, collector, config,
-                        identity, token, token_file, mtls)
+                        identity, token, token_file, mtls, admin)
     except UsageError as exc:
         print(f"tracemesh sidecar: {exc}", file=sys.stderr)
         return 2

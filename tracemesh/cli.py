@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mtls", choices=("strict", "permissive", "disable"), default=None,
                    help="inbound: strict takes mesh mTLS only, permissive mTLS or plaintext on the same port, "
                         "disable plaintext only (default: permissive with --identity, else disable)")
+    s.add_argument("--admin", metavar="ADDR", type=_addr, default=None,
+                   help="serve GET /metrics (Prometheus, Istio's istio_* names), /ready and /healthz on "
+                        "HOST:PORT (default: off)")
 
     q = sub.add_parser("sql", help="run read-only SQL over the store")
     where = q.add_mutually_exclusive_group()
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             token=args.token,
             token_file=args.token_file,
             mtls=args.mtls,
+            admin=args.admin,
         )
     if args.command == "sql":
         from tracemesh.query.cli import run_sql

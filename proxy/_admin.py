@@ -1,0 +1,165 @@
+"""The sidecar's admin side: ``/metrics``, ``/ready`` and ``/healthz`` over
+:func:`tracemesh.httpserve.serve_http`, and the periodic OTLP/gRPC export of its metrics.
+
+Neither is on the request path. ``/metrics`` copies the counts in the Trio thread (a microsecond
+a series) and formats them in a worker thread; the exporter does the same every
+:data:`EXPORT_INTERVAL_S` and sends with grpcio in a worker thread, as the span exporter does.
+
+Cancellation: cancelling :meth:`MetricsExporter.run` stops the periodic export; call
+:meth:`MetricsExporter.flush` (shielded, bounded) at shutdown to send the final counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import grpc
+import trio
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+
+from tracemesh.httpserve import Handler, Request, Response
+from tracemesh.proxy._metrics import CONTENT_TYPE, MeshMetrics, encode_otlp, render_prometheus
+
+log = logging.getLogger(__name__)
+
+#: Istio's proxies report every 10 s too (Prometheus scrapes at 15 s).
+EXPORT_INTERVAL_S = 10.0
+#: Shorter than the interval, so one slow collector cannot pile exports up.
+EXPORT_TIMEOUT_S = 5.0
+EXPORT_PATH = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+
+
+class Readiness:
+    """Ready once the listeners are open and, with an identity, a certificate is held; not ready
+    again once draining (so a load balancer stops sending before the listeners close)."""
+
+    def __init__(self, creds=None) -> None:
+        self.creds = creds
+        self.listening = False
+        self.draining = False
+
+    def why_not(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if self.creds is not None and not self.creds.ready:
+            return "no workload certificate yet"
+        if not self.listening:
+            return "listeners not open yet"
+        return None
+
+
+class ConnectionStats:
+    """Downstream connections per listener, counted by the accept loop."""
+
+    def __init__(self) -> None:
+        self.open = {"inbound": 0, "outbound": 0}
+        self.total = {"inbound": 0, "outbound": 0}
+
+    def opened(self, direction: str) -> None:
+        self.open[direction] += 1
+        self.total[direction] += 1
+
+    def closed(self, direction: str) -> None:
+        self.open[direction] -= 1
+
+
+def sidecar_stats(recorder, tls, sidecar, conns: ConnectionStats, exporter: MetricsExporter | None = None):
+    """The callback for :class:`MeshMetrics`: the sidecar's own numbers, read when asked."""
+
+    def stats() -> Mapping:
+        s, t = recorder.stats, tls.stats
+        out = {
+            "tracemesh_sidecar_spans_recorded_total": (s.recorded, "Spans queued for export."),
+            "tracemesh_sidecar_spans_dropped_total": (s.dropped + s.export_dropped,
+                                                      "Spans dropped: queue full, or export failed for good."),
+            "tracemesh_sidecar_spans_exported_total": (s.exported, "Spans the collector accepted."),
+            "tracemesh_sidecar_span_export_failures_total": (s.export_failures, "Failed span export calls."),
+            "tracemesh_sidecar_spans_queued": (len(recorder), "Spans waiting for export."),
+            "tracemesh_sidecar_inbound_connections_open": (conns.open["inbound"], "Open inbound connections."),
+            "tracemesh_sidecar_outbound_connections_open": (conns.open["outbound"], "Open outbound connections."),
+            "tracemesh_sidecar_inbound_connections_total": (conns.total["inbound"], "Inbound connections accepted."),
+            "tracemesh_sidecar_outbound_connections_total": (conns.total["outbound"], "Outbound connections accepted."),
+            "tracemesh_sidecar_requests_denied_total": (sidecar.denied, "Requests denied by authorization policy."),
+            "tracemesh_sidecar_mtls_handshakes_total": (t.handshakes, "Inbound mTLS handshakes completed."),
+            "tracemesh_sidecar_mtls_refused_total": (t.refused, "Inbound connections refused by the mTLS mode."),
+        }
+        if exporter is not None:
+            out["tracemesh_sidecar_metric_exports_total"] = (exporter.exported, "Metric exports the collector accepted.")
+            out["tracemesh_sidecar_metric_export_failures_total"] = (exporter.failures, "Failed metric export calls.")
+        return out
+
+    return stats
+
+
+def admin_handler(metrics: MeshMetrics, readiness: Readiness) -> Handler:
+    async def handle(req: Request) -> Response:
+        if req.method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n", headers=[("allow", "GET, HEAD")])
+        path = req.path
+        if path == "/metrics":
+            snap = metrics.snapshot()
+            body = await trio.to_thread.run_sync(render_prometheus, snap)
+            return Response(200, body, CONTENT_TYPE)
+        if path == "/ready":
+            why = readiness.why_not()
+            return Response(200, b"ready\n") if why is None else Response(503, f"not ready: {why}\n".encode())
+        if path == "/healthz":
+            return Response(200, b"ok\n")
+        return Response(404, b"not found: try /metrics, /ready, /healthz\n")
+
+    return handle
+
+
+class MetricsExporter:
+    """Sends the registry's cumulative counts to the collector as OTLP metrics."""
+
+    def __init__(self, metrics: MeshMetrics, collector: str, resource: dict, scope_version: str,
+                 interval_s: float = EXPORT_INTERVAL_S) -> None:
+        self.metrics = metrics
+        self.target = collector
+        self.resource = resource
+        self.scope_version = scope_version
+        self.interval_s = interval_s
+        self.start_ns = time.time_ns()
+        self.exported = 0
+        self.failures = 0
+        # as the span exporter's: no gRPC-level retries (the next interval is the retry)
+        self._channel = grpc.insecure_channel(collector, options=[("grpc.enable_retries", 0)])
+        self._export = self._channel.unary_unary(
+            EXPORT_PATH, request_serializer=None, response_deserializer=ExportMetricsServiceResponse.FromString)
+        self._warned_at = 0.0
+
+    def _encode_and_send(self, snap, now_ns: int, timeout: float) -> None:
+        self._export(encode_otlp(snap, self.resource, self.start_ns, now_ns, self.scope_version), timeout=timeout)
+
+    async def export_once(self, timeout: float = EXPORT_TIMEOUT_S) -> bool:
+        snap = self.metrics.snapshot()  # in the Trio thread: consistent with observe()
+        try:
+            await trio.to_thread.run_sync(self._encode_and_send, snap, time.time_ns(), timeout,
+                                          abandon_on_cancel=True)
+        except grpc.RpcError as exc:
+            self.failures += 1
+            now = time.monotonic()
+            if now - self._warned_at > 60:
+                self._warned_at = now
+                log.warning("metrics export to %s failed: %s %s", self.target, exc.code(), exc.details())
+            return False
+        self.exported += 1
+        return True
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Export every *interval_s* until cancelled; cumulative counts make a failed export harmless."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval_s)
+            await self.export_once()
+
+    async def flush(self, deadline_s: float = 3.0) -> None:
+        """Export the final counts, for at most *deadline_s* (shielded: runs during shutdown)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):
+            await self.export_once(timeout=deadline_s)
+
+    def close(self) -> None:
+        self._channel.close()
