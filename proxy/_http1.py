@@ -211,6 +211,12 @@ class Sidecar:
                 if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEADER_BYTES:
                     await self._local_reply(conn, stream, 431, "request header fields too large", close=True)
                     return
+                names = {k for k, _ in event.headers}
+                if b"transfer-encoding" in names and b"content-length" in names:
+                    # RFC 9112 6.1: ambiguous framing is how requests are smuggled past a proxy; refuse, close
+                    await self._local_reply(conn, stream, 400, "bad request: both Transfer-Encoding and Content-Length",
+                                            close=True)
+                    return
                 await self._exchange(conn, stream, event, direction, peer, port)
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
