@@ -107,7 +107,16 @@ def admin_handler(metrics: MeshMetrics, readiness: Readiness) -> Handler:
             return Response(200, b"ready\n") if why is None else Response(503, f"not ready: {why}\n".encode())
         if path == "/healthz":
             return Response(200, b"ok\n")
-        return Response(404, b"not found: try /metrics, /ready, /healthz\n")
+        if path == "/certificate":
+            # the workload's certificate chain (public) as it holds it now: `tracemesh cert show --admin`
+            creds = readiness.creds
+            if creds is None:
+                return Response(404, b"this sidecar has no workload identity (--identity)\n")
+            if not creds.ready:
+                return Response(503, b"no workload certificate yet\n")
+            return Response(200, creds.chain_pem, "application/x-pem-file",
+                            headers=[("x-tracemesh-renew-at", f"{creds.renew_at:.0f}")])
+        return Response(404, b"not found: try /metrics, /ready, /healthz, /certificate\n")
 
     return handle
 

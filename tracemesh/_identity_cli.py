@@ -103,7 +103,9 @@ def add_identity_commands(sub) -> None:
     cert_sub = cert.add_subparsers(dest="cert_action", required=True, metavar="ACTION")
     show = cert_sub.add_parser("show", help="the SPIFFE ID, issuer and expiry of a certificate file "
                                             "(exit status 1 when expired)")
-    show.add_argument("file", help="PEM certificate or chain (the first certificate is shown)")
+    where = show.add_mutually_exclusive_group(required=True)
+    where.add_argument("file", nargs="?", help="PEM certificate or chain (the first certificate is shown)")
+    where.add_argument("--admin", metavar="URL", help="ask a running sidecar's admin endpoint (--admin ADDR) instead")
 
 
 def _ca_dir(args) -> str:
@@ -222,7 +224,24 @@ def _token_create(args) -> int:
 def _cert_show(args) -> int:
     from tracemesh.identity import CredentialError, cert_fingerprint, load_pem_certs, spiffe_id_of
 
-    certs = load_pem_certs(_read(args.file))
+    renew_at = None
+    if args.admin:
+        import urllib.error
+        import urllib.request
+
+        base = args.admin if "://" in args.admin else f"http://{args.admin}"
+        try:
+            with urllib.request.urlopen(f"{base.rstrip('/')}/certificate", timeout=10) as r:
+                pem, renew_at = r.read(), r.headers.get("x-tracemesh-renew-at")
+        except urllib.error.HTTPError as exc:
+            print(f"tracemesh cert show: {base}: {exc.read(2000).decode(errors='replace').strip()}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"tracemesh cert show: cannot reach {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+            return 2
+    else:
+        pem = _read(args.file)
+    certs = load_pem_certs(pem)
     leaf = certs[0]
     try:
         sid = str(spiffe_id_of(leaf))
@@ -237,6 +256,8 @@ def _cert_show(args) -> int:
     print(f"not after:  {leaf.not_valid_after_utc.isoformat()}")
     print(f"remaining:  {_fmt_remaining(remaining)}")
     print(f"sha256:     {cert_fingerprint(leaf)}")
+    if renew_at:
+        print(f"renews at:  {datetime.fromtimestamp(float(renew_at), timezone.utc).isoformat()}")
     if len(certs) > 1:
         print(f"chain:      {len(certs) - 1} more: " + "; ".join(c.subject.rfc4514_string() for c in certs[1:]))
     return 1 if remaining.total_seconds() <= 0 else 0
