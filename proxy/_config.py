@@ -18,6 +18,12 @@ Shape::
           - {version: v1, weight: 80}
           - {version: v2, weight: 20}
 
+Routes: several per service, the first whose ``match`` takes a request wins (none: every request);
+each may have ``name``, ``match`` (a list of alternatives of path/method(s)/headers/query string
+matches), ``timeout``, ``retries`` and ``fault``. Per service, ``traffic_policy``: load_balancer,
+connection_pool, outlier_detection. Durations are strings: ``250ms``, ``2s``, ``1m``. See the
+README's "Mesh config".
+
 Per service, optionally: ``mtls: strict|permissive|disable`` (how its sidecars take connections,
 so whether callers must, may or must not use mesh mTLS; default permissive) and ``identity:
 spiffe://<td>/ns/<ns>/sa/<sa>`` (the SPIFFE ID its sidecars hold: callers then accept exactly
@@ -49,6 +55,8 @@ import yaml
 from tracemesh.identity import SpiffeId, SpiffeIdError
 from tracemesh.net import Addr, parse_addr
 from tracemesh.proxy._authz import ACTIONS, Operation, Policy, Rule, Source, valid_pattern
+from tracemesh.proxy._match import MatchError, RequestMatch, StringMatch
+from tracemesh.proxy._resilience import DEFAULT_RETRY_ON, RETRY_ON, Limits, OutlierPolicy, RetryPolicy
 
 #: Service names are DNS labels (as Kubernetes service names are): they are also Host headers.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -73,12 +81,26 @@ class Endpoint:
     version: str
 
 
+LOAD_BALANCERS = ("round_robin", "random", "least_request", "consistent_hash")
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """Istio's DestinationRule trafficPolicy for one service; ``None`` parts are off (Envoy's defaults)."""
+
+    load_balancer: str = "round_robin"
+    hash_header: str | None = None  # consistent_hash: the request header whose value is hashed
+    limits: Limits | None = None
+    outlier: OutlierPolicy | None = None
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
     endpoints: tuple[Endpoint, ...]
     mtls: str = DEFAULT_MTLS
     identity: SpiffeId | None = None
+    traffic_policy: TrafficPolicy = TrafficPolicy()
 
 
 @dataclass(frozen=True)
@@ -88,15 +110,28 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Fault:
+    delay_percent: float = 0.0
+    delay_s: float = 0.0
+    abort_percent: float = 0.0
+    abort_status: int = 0
+
+
+@dataclass(frozen=True)
 class Route:
     service: str
     destinations: tuple[Destination, ...]
+    name: str = ""
+    matches: tuple[RequestMatch, ...] = ()  # none: every request
+    timeout_s: float | None = None  # None: the sidecar's default route timeout
+    retries: RetryPolicy | None = None  # None: no retries
+    fault: Fault | None = None
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     services: dict[str, Service]
-    routes: dict[str, Route]
+    routes: dict[str, tuple[Route, ...]]  # per service, in config order: the first that matches wins
     policies: tuple[Policy, ...] = ()
 
     @classmethod
@@ -240,7 +275,7 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
             field = f"services.{name}"
             if not isinstance(name, str) or not _NAME.match(name):
                 raise ctx.fail(body, field, f"{name!r} is not a valid service name (lowercase DNS label)")
-            m = ctx.mapping(body, field, {"endpoints", "mtls", "identity"}, {"endpoints"})
+            m = ctx.mapping(body, field, {"endpoints", "mtls", "identity", "traffic_policy"}, {"endpoints"})
             eps = []
             seen = set()
             for i, ep in enumerate(ctx.seq(m["endpoints"], f"{field}.endpoints")):
@@ -267,36 +302,21 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
             identity = None
             if "identity" in m:
                 identity = _spiffe_id(ctx, m["identity"], f"{field}.identity")
-            services[name] = Service(name, tuple(eps), mtls, identity)
+            tp = TrafficPolicy()
+            if "traffic_policy" in m and m["traffic_policy"].value is not None:
+                tp = _traffic_policy(ctx, m["traffic_policy"], f"{field}.traffic_policy")
+            services[name] = Service(name, tuple(eps), mtls, identity, tp)
 
-    routes: dict[str, Route] = {}
+    routes: dict[str, list[Route]] = {}
     if "routes" in top and top["routes"].value is not None:
+        names_seen: set[tuple[str, str]] = set()
         for i, r in enumerate(ctx.seq(top["routes"], "routes")):
-            rf = f"routes[{i}]"
-            m = ctx.mapping(r, rf, {"service", "destinations"}, {"service", "destinations"})
-            svc = ctx.string(m["service"], f"{rf}.service", _NAME, "service name")
-            if svc not in services:
-                raise ctx.fail(m["service"], f"{rf}.service", f"no service {svc!r} under services")
-            if svc in routes:
-                raise ctx.fail(m["service"], f"{rf}.service", f"a second route for {svc!r}; merge them into one")
-            dests = []
-            versions = {e.version for e in services[svc].endpoints}
-            for j, d in enumerate(ctx.seq(m["destinations"], f"{rf}.destinations")):
-                df = f"{rf}.destinations[{j}]"
-                dm = ctx.mapping(d, df, {"version", "weight"}, {"version"})
-                version = ctx.string(dm["version"], f"{df}.version", _VERSION, "version label")
-                if version not in versions:
-                    raise ctx.fail(dm["version"], f"{df}.version",
-                                   f"service {svc!r} has no endpoints of version {version!r} (has {', '.join(sorted(versions)) or 'none'})")
-                weight = dm["weight"].value if "weight" in dm else 1
-                if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-                    raise ctx.fail(dm.get("weight"), f"{df}.weight", f"expected a non-negative integer, got {_kind(weight)}")
-                dests.append(Destination(version, weight))
-            if not dests:
-                raise ctx.fail(m["destinations"], f"{rf}.destinations", "a route needs at least one destination")
-            if sum(d.weight for d in dests) == 0:
-                raise ctx.fail(m["destinations"], f"{rf}.destinations", "the weights add up to 0; nothing could be sent")
-            routes[svc] = Route(svc, tuple(dests))
+            route = _route(ctx, r, f"routes[{i}]", services, routes)
+            if (route.service, route.name) in names_seen:
+                raise ctx.fail(r.value.get("name", r), f"routes[{i}].name",
+                               f"a second route named {route.name!r} for {route.service!r}")
+            names_seen.add((route.service, route.name))
+            routes.setdefault(route.service, []).append(route)
 
     policies: list[Policy] = []
     if "policies" in top and top["policies"].value is not None:
@@ -307,7 +327,208 @@ def parse_config(text: str, source: str = "<config>") -> MeshConfig:
                 raise ctx.fail(node.value["name"], f"policies[{i}].name", f"a second policy named {policy.name!r}")
             names.add(policy.name)
             policies.append(policy)
-    return MeshConfig(services, routes, tuple(policies))
+    return MeshConfig(services, {k: tuple(v) for k, v in routes.items()}, tuple(policies))
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(ctx: _Ctx, node: _Node, field: str, allow_zero: bool = False) -> float:
+    v = node.value
+    got = _DURATION.match(v.strip()) if isinstance(v, str) else None
+    if got is None:
+        raise ctx.fail(node, field, f"expected a duration such as '250ms', '2s' or '1m', got {_kind(v)}")
+    seconds = float(got.group(1)) * _UNIT_S[got.group(2)]
+    if seconds <= 0 and not allow_zero:
+        raise ctx.fail(node, field, "a duration of 0 means nothing here; leave the key out")
+    return seconds
+
+
+def _int(ctx: _Ctx, node: _Node, field: str, lo: int, hi: int | None = None) -> int:
+    v = node.value
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"{lo}-{hi}" if hi is not None else f">= {lo}"
+        raise ctx.fail(node, field, f"expected an integer ({rng}), got {_kind(v)}")
+    return v
+
+
+def _percent(ctx: _Ctx, node: _Node, field: str) -> float:
+    v = node.value
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+        raise ctx.fail(node, field, f"expected a percentage (0-100), got {_kind(v)}")
+    return float(v)
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _string_match(ctx: _Ctx, node: _Node, field: str, present_ok: bool) -> StringMatch:
+    kinds = {"exact", "prefix", "regex"} | ({"present"} if present_ok else set())
+    m = ctx.mapping(node, field, kinds)
+    if len(m) != 1:
+        raise ctx.fail(node, field, f"expected exactly one of {', '.join(sorted(kinds))}")
+    (kind, vnode), = m.items()
+    if kind == "present":
+        if vnode.value is not True:
+            raise ctx.fail(vnode, f"{field}.present", f"expected true, got {_kind(vnode.value)}")
+        value = ""
+    elif kind == "exact" and vnode.value == "":
+        value = ""
+    else:
+        value = ctx.string(vnode, f"{field}.{kind}")
+    try:
+        return StringMatch.make(kind, value)
+    except MatchError as exc:
+        raise ctx.fail(vnode, f"{field}.{kind}", str(exc)) from None
+
+
+def _request_match(ctx: _Ctx, node: _Node, field: str) -> RequestMatch:
+    m = ctx.mapping(node, field, {"path", "method", "methods", "headers", "query"})
+    path = _string_match(ctx, m["path"], f"{field}.path", False) if "path" in m else None
+    methods: list[str] = []
+    if "method" in m:
+        methods.append(ctx.string(m["method"], f"{field}.method", _METHOD, "HTTP method (upper case, e.g. GET)"))
+    if "methods" in m:
+        for k, v in enumerate(ctx.seq(m["methods"], f"{field}.methods")):
+            methods.append(ctx.string(v, f"{field}.methods[{k}]", _METHOD, "HTTP method (upper case, e.g. GET)"))
+    pairs = {}
+    for key in ("headers", "query"):
+        got = []
+        if key in m:
+            hm = m[key]
+            if not isinstance(hm.value, dict):
+                raise ctx.fail(hm, f"{field}.{key}", f"expected a mapping, got {_kind(hm.value)}")
+            for name, sm in hm.value.items():
+                nf = f"{field}.{key}.{name}"
+                if not isinstance(name, str) or not name or (key == "headers" and not _HEADER_NAME.match(name)):
+                    raise ctx.fail(sm, nf, f"{name!r} is not a valid {'header' if key == 'headers' else 'parameter'} name")
+                got.append((name.lower() if key == "headers" else name, _string_match(ctx, sm, nf, True)))
+        pairs[key] = tuple(got)
+    return RequestMatch(path, frozenset(methods), pairs["headers"], pairs["query"])
+
+
+def _route(ctx: _Ctx, node: _Node, rf: str, services: dict[str, Service], earlier: dict[str, list[Route]]) -> Route:
+    m = ctx.mapping(node, rf, {"service", "name", "match", "destinations", "timeout", "retries", "fault"},
+                    {"service", "destinations"})
+    svc = ctx.string(m["service"], f"{rf}.service", _NAME, "service name")
+    if svc not in services:
+        raise ctx.fail(m["service"], f"{rf}.service", f"no service {svc!r} under services")
+    before = earlier.get(svc, [])
+    if any(not r.matches for r in before):
+        raise ctx.fail(m["service"], f"{rf}.service",
+                       f"a second route for {svc!r} after one that takes every request: it could never be taken; "
+                       f"give the earlier one a match, or merge them into one")
+    name = ctx.string(m["name"], f"{rf}.name", _VERSION, "route name (letters, digits, '.', '_', '-')") \
+        if "name" in m else (svc if not before else f"{svc}-{len(before)}")
+    matches = []
+    if "match" in m and m["match"].value is not None:
+        items = ctx.seq(m["match"], f"{rf}.match")
+        if not items:
+            raise ctx.fail(m["match"], f"{rf}.match", "an empty list; leave the key out to take every request")
+        matches = [_request_match(ctx, mn, f"{rf}.match[{k}]") for k, mn in enumerate(items)]
+    dests = []
+    versions = {e.version for e in services[svc].endpoints}
+    for j, d in enumerate(ctx.seq(m["destinations"], f"{rf}.destinations")):
+        df = f"{rf}.destinations[{j}]"
+        dm = ctx.mapping(d, df, {"version", "weight"}, {"version"})
+        version = ctx.string(dm["version"], f"{df}.version", _VERSION, "version label")
+        if version not in versions:
+            raise ctx.fail(dm["version"], f"{df}.version",
+                           f"service {svc!r} has no endpoints of version {version!r} (has {', '.join(sorted(versions)) or 'none'})")
+        weight = dm["weight"].value if "weight" in dm else 1
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ctx.fail(dm.get("weight"), f"{df}.weight", f"expected a non-negative integer, got {_kind(weight)}")
+        dests.append(Destination(version, weight))
+    if not dests:
+        raise ctx.fail(m["destinations"], f"{rf}.destinations", "a route needs at least one destination")
+    if sum(d.weight for d in dests) == 0:
+        raise ctx.fail(m["destinations"], f"{rf}.destinations", "the weights add up to 0; nothing could be sent")
+    timeout = _duration(ctx, m["timeout"], f"{rf}.timeout") if "timeout" in m else None
+    retries = _retries(ctx, m["retries"], f"{rf}.retries") if "retries" in m else None
+    fault = _fault(ctx, m["fault"], f"{rf}.fault") if "fault" in m else None
+    return Route(svc, tuple(dests), name, tuple(matches), timeout, retries, fault)
+
+
+def _retries(ctx: _Ctx, node: _Node, field: str) -> RetryPolicy:
+    m = ctx.mapping(node, field, {"attempts", "per_try_timeout", "retry_on", "retriable_status_codes"}, {"attempts"})
+    attempts = _int(ctx, m["attempts"], f"{field}.attempts", 0, 100)
+    per_try = _duration(ctx, m["per_try_timeout"], f"{field}.per_try_timeout") if "per_try_timeout" in m else None
+    retry_on = DEFAULT_RETRY_ON
+    if "retry_on" in m:
+        rn = m["retry_on"]
+        if isinstance(rn.value, list):
+            tokens = [ctx.string(v, f"{field}.retry_on[{k}]") for k, v in enumerate(rn.value)]
+        else:
+            tokens = [t.strip() for t in ctx.string(rn, f"{field}.retry_on").split(",") if t.strip()]
+        for t in tokens:
+            if t not in RETRY_ON:
+                raise ctx.fail(rn, f"{field}.retry_on", f"{t!r} is not a retry condition; expected some of {', '.join(sorted(RETRY_ON))}")
+        if not tokens:
+            raise ctx.fail(rn, f"{field}.retry_on", "no retry condition given")
+        retry_on = frozenset(tokens)
+    codes = []
+    if "retriable_status_codes" in m:
+        for k, v in enumerate(ctx.seq(m["retriable_status_codes"], f"{field}.retriable_status_codes")):
+            codes.append(_int(ctx, v, f"{field}.retriable_status_codes[{k}]", 100, 599))
+        if codes and "retry_on" in m and "retriable-status-codes" not in retry_on:
+            retry_on = retry_on | {"retriable-status-codes"}  # listing codes means retrying them
+    return RetryPolicy(attempts, per_try, retry_on, frozenset(codes))
+
+
+def _fault(ctx: _Ctx, node: _Node, field: str) -> Fault:
+    m = ctx.mapping(node, field, {"delay", "abort"})
+    if not m:
+        raise ctx.fail(node, field, "expected delay, abort or both")
+    delay_percent = delay_s = abort_percent = 0.0
+    abort_status = 0
+    if "delay" in m:
+        dm = ctx.mapping(m["delay"], f"{field}.delay", {"percent", "fixed_delay"}, {"fixed_delay"})
+        delay_s = _duration(ctx, dm["fixed_delay"], f"{field}.delay.fixed_delay")
+        delay_percent = _percent(ctx, dm["percent"], f"{field}.delay.percent") if "percent" in dm else 100.0
+    if "abort" in m:
+        am = ctx.mapping(m["abort"], f"{field}.abort", {"percent", "http_status"}, {"http_status"})
+        abort_status = _int(ctx, am["http_status"], f"{field}.abort.http_status", 200, 599)
+        abort_percent = _percent(ctx, am["percent"], f"{field}.abort.percent") if "percent" in am else 100.0
+    return Fault(delay_percent, delay_s, abort_percent, abort_status)
+
+
+def _traffic_policy(ctx: _Ctx, node: _Node, field: str) -> TrafficPolicy:
+    m = ctx.mapping(node, field, {"load_balancer", "connection_pool", "outlier_detection"})
+    lb, hash_header, limits, outlier = "round_robin", None, None, None
+    if "load_balancer" in m:
+        ln = m["load_balancer"]
+        lf = f"{field}.load_balancer"
+        if isinstance(ln.value, dict):
+            ch = ctx.mapping(ln, lf, {"consistent_hash"}, {"consistent_hash"})
+            hm = ctx.mapping(ch["consistent_hash"], f"{lf}.consistent_hash", {"header"}, {"header"})
+            hash_header = ctx.string(hm["header"], f"{lf}.consistent_hash.header", _HEADER_NAME, "header name").lower()
+            lb = "consistent_hash"
+        else:
+            lb = ctx.string(ln, lf)
+            if lb not in LOAD_BALANCERS or lb == "consistent_hash":
+                raise ctx.fail(ln, lf, f"{lb!r} is not a load balancer; expected round_robin, random, least_request "
+                                       f"or {{consistent_hash: {{header: NAME}}}}")
+    if "connection_pool" in m:
+        cf = f"{field}.connection_pool"
+        cm = ctx.mapping(m["connection_pool"], cf, {"max_connections", "max_pending_requests", "max_requests"})
+        limits = Limits(**{k: _int(ctx, v, f"{cf}.{k}", 1) for k, v in cm.items()})
+    if "outlier_detection" in m:
+        of = f"{field}.outlier_detection"
+        om = ctx.mapping(m["outlier_detection"], of, {"consecutive_5xx", "consecutive_gateway_errors",
+                                                      "base_ejection_time", "max_ejection_percent"})
+        kw: dict = {}
+        if "consecutive_gateway_errors" in om:
+            kw["consecutive_gateway_errors"] = _int(ctx, om["consecutive_gateway_errors"], f"{of}.consecutive_gateway_errors", 1)
+            kw["consecutive_5xx"] = None  # as Istio: only what is given counts
+        if "consecutive_5xx" in om:
+            kw["consecutive_5xx"] = _int(ctx, om["consecutive_5xx"], f"{of}.consecutive_5xx", 1)
+        if "base_ejection_time" in om:
+            kw["base_ejection_s"] = _duration(ctx, om["base_ejection_time"], f"{of}.base_ejection_time")
+        if "max_ejection_percent" in om:
+            kw["max_ejection_percent"] = _percent(ctx, om["max_ejection_percent"], f"{of}.max_ejection_percent")
+        outlier = OutlierPolicy(**kw)
+    return TrafficPolicy(lb, hash_header, limits, outlier)
 
 
 def _spiffe_id(ctx: _Ctx, node: _Node, field: str) -> SpiffeId:

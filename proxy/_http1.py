@@ -13,6 +13,16 @@ downstream connection is cut), DC (the downstream went away), UPE 502 (upstream 
 A stale kept-alive upstream connection that fails before any response is retried once on a new
 connection, when the request has no body (so nothing is sent twice that cannot be sent again).
 
+Outbound, the router picks the route (first match), version and endpoint; then, in this order: the
+route's fault injection (delay: flag DI; abort: its status, flag FI, nothing sent), the destination's
+circuit breaker (503 UO at once past max_requests, or past max_pending_requests waiting for one of
+max_connections), and the attempts: the route's timeout (default 15 s) bounds them all, a retry
+policy's per-try timeout each; a retriable outcome is retried (jittered backoff, another endpoint,
+within the service's retry budget) up to the policy's attempts, after which the last answer is
+relayed with URX. Only a request without a body, or with a Content-Length body of at most
+MAX_RETRY_BODY (read whole first), is retried. Each attempt's outcome feeds outlier detection.
+Span attributes ``mesh.route`` and ``mesh.retries``.
+
 Mesh mTLS (:mod:`tracemesh.proxy._mtls`): an inbound connection is first accepted by the
 sidecar's mode (STRICT, PERMISSIVE, DISABLE), which yields the stream to speak HTTP over and the
 peer's verified SPIFFE ID, if any. That principal, and nothing the request says, is the caller's
@@ -30,11 +40,13 @@ still records its span (flag DC).
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
+import weakref
 from http import HTTPStatus
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
@@ -49,7 +61,8 @@ from tracemesh.proxy._pool import PLAINTEXT, ConnectError, Pool, Security, Upstr
 from tracemesh.proxy._recorder import (
     KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, SpanRecord, SpanRecorder,
 )
-from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router
+from tracemesh.proxy._resilience import Outcome, RetryPolicy
+from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router, Selection, ServiceState
 from tracemesh.proxy._tracecontext import TraceParent, new_span_id, new_trace_id, parse_traceparent
 
 #: Request heads larger than this get 431 (Envoy's default max_request_headers_kb is 60).
@@ -63,6 +76,9 @@ ROUTE_TIMEOUT_S = 15.0
 #: Between two reads of a streaming body, on either side.
 BODY_IDLE_TIMEOUT_S = 60.0
 READ_CHUNK = 64 * 1024
+#: A request body up to this size (with a Content-Length) is read whole before it is sent, when its
+#: route retries, so that a retry can send it again; a larger or chunked body streams, untried twice.
+MAX_RETRY_BODY = 64 * 1024
 #: Writes are gathered up to this size before a send (one syscall for a small exchange).
 COALESCE_BYTES = 64 * 1024
 
@@ -168,6 +184,9 @@ class Sidecar:
         self._authz_config: MeshConfig | None = None
         self._authz = Authorizer()
         self.denied = 0
+        self._rng = random.Random()
+        #: per destination service (state): slots for its connection_pool.max_connections
+        self._slots: weakref.WeakKeyDictionary[ServiceState, trio.Semaphore] = weakref.WeakKeyDictionary()
 
     def _authorizer(self) -> Authorizer:
         config = self.router.config
@@ -283,6 +302,8 @@ class Sidecar:
         claimed = _header(headers, PEER_HEADER)
         headers = [(k, v) for k, v in headers if k not in (PEER_HEADER, b"traceparent", XFCC_HEADER)]
         upstream: Addr | None = None
+        sel: Selection | None = None
+        hash_key: str | None = None
         security = PLAINTEXT
         name = f"{method} {self.service}"
         kind = KIND_SERVER if direction == "inbound" else KIND_CLIENT
@@ -326,27 +347,38 @@ class Sidecar:
                     raise ProxyError(501, "NR", "https:// targets cannot be proxied in plain HTTP; let the sidecar do TLS")
                 if not authority:
                     raise ProxyError(400, "NR", "no Host header and no absolute-form target: cannot tell which service")
+                def header(n: str, _h=headers) -> str | None:
+                    v = _header(_h, n.encode("latin-1"))
+                    return None if v is None else v.decode("latin-1")
                 try:
-                    pick = self.router.pick(authority)
+                    sel = self.router.select(authority, method, path, header,
+                                             dict(reversed(parse_qsl(query, keep_blank_values=True))))
                 except NoRoute as exc:
                     raise ProxyError(404, "NR", f"no route: {exc}") from None
-                except NoHealthyUpstream as exc:
-                    raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
-                upstream = pick.endpoint.address
-                name = f"{method} {pick.service}"
-                a["peer.service"] = a["mesh.destination.service"] = pick.service
-                a["mesh.destination.version"] = pick.endpoint.version
-                security = self._security_to(pick.service)
+                name = f"{method} {sel.service}"
+                a["peer.service"] = a["mesh.destination.service"] = sel.service
+                if sel.route is not None:
+                    a["mesh.route"] = sel.route.name
+                if sel.version is not None:
+                    a["mesh.destination.version"] = sel.version
+                if sel.state.hash_header:
+                    hash_key = header(sel.state.hash_header)
+                security = self._security_to(sel.service)
                 headers.append((PEER_HEADER, self._peer_value))
-            a["mesh.upstream.endpoint"] = str(upstream)
+            if upstream is not None:
+                a["mesh.upstream.endpoint"] = str(upstream)
             if authority:
                 a["server.address"] = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
             headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
             if not any(k == b"host" for k, _ in headers):
                 headers.insert(0, (b"host", (authority or str(upstream)).encode()))
-            await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span, security)
+            if sel is None:
+                await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span, security)
+            else:
+                await self._outbound(dconn, dstream, req, headers, path_and_query, sel, hash_key, span, security)
         except ProxyError as exc:
-            span.flag, span.message = exc.flag, str(exc)
+            span.flag = exc.flag if span.flag == "-" else f"{span.flag},{exc.flag}"
+            span.message = str(exc)
             if dconn.their_state is h11.SEND_BODY:
                 try:  # a bodiless request's end is already parsed: take it, so keep-alive survives
                     dconn.next_event()
@@ -392,7 +424,9 @@ class Sidecar:
         limit = 500 if kind == KIND_SERVER else 400  # OTel semconv: a 4xx is the client's error, not the server's
         # a policy's 403 is the mesh working, not failing: a server error only for a client span
         ok_flags = ("-", "DC", RBAC_FLAG) if kind == KIND_SERVER else ("-", "DC")
-        failed = span.status is None or span.status >= limit or span.flag not in ok_flags
+        # an injected delay (DI) is the config working: it alone does not fail a request
+        failed = span.status is None or span.status >= limit or any(
+            f not in ok_flags for f in span.flag.split(",") if f != "DI")
         if span.flag == "DC" and span.status is None:
             failed = kind == KIND_CLIENT
         status = STATUS_ERROR if failed else STATUS_UNSET
@@ -401,8 +435,87 @@ class Sidecar:
         self.recorder.record(SpanRecord(span.trace_id, span.span_id, span.parent, name, kind,
                                         span.start_ns, end_ns, a, status, message))
 
-    async def _forward(self, dconn, dstream, req: h11.Request, headers, target: str, upstream: Addr, span: _Span,
-                       security: Security = PLAINTEXT) -> None:
+    async def _outbound(self, dconn, dstream, req: h11.Request, headers, target: str, sel: Selection,
+                        hash_key: str | None, span: _Span, security: Security) -> None:
+        """Fault injection, then the destination's circuit breaker, then :meth:`_forward`."""
+        route = sel.route
+        fault = route.fault if route is not None else None
+        if fault is not None:
+            if fault.delay_s and self._rng.random() * 100 < fault.delay_percent:
+                span.flag = "DI"
+                await trio.sleep(fault.delay_s)
+            if fault.abort_status and self._rng.random() * 100 < fault.abort_percent:
+                raise ProxyError(fault.abort_status, "FI", "fault filter abort")
+        state = sel.state
+        state.budget.active_requests += 1
+        try:
+            await self._guarded(dconn, dstream, req, headers, target, sel, hash_key, span, security)
+        finally:
+            state.budget.active_requests -= 1
+
+    async def _guarded(self, dconn, dstream, req, headers, target: str, sel: Selection, hash_key: str | None,
+                       span: _Span, security: Security) -> None:
+        """Through the circuit breaker of the destination service: max_requests, max_connections
+        (a request waits for a connection as a pending one), max_pending_requests; past one, 503 UO."""
+        route, state = sel.route, sel.state
+        if not state.breaker.try_request():
+            raise ProxyError(503, "UO", f"upstream overflow: {state.breaker.limits.max_requests} requests "
+                                        f"to {sel.service!r} already in flight (max_requests)")
+        try:
+            slots = None
+            if state.limits is not None:
+                slots = self._slots.get(state)
+                if slots is None:
+                    slots = self._slots[state] = trio.Semaphore(state.limits.max_connections)
+                if slots.value == 0:  # every connection busy: wait as a pending request, if there is room
+                    if not state.breaker.try_pending():
+                        raise ProxyError(503, "UO", f"upstream overflow: {state.limits.max_pending_requests} requests "
+                                                    f"to {sel.service!r} already pending (max_pending_requests)")
+                    try:
+                        timeout = route.timeout_s if route is not None and route.timeout_s else ROUTE_TIMEOUT_S
+                        with trio.fail_after(timeout):
+                            await slots.acquire()
+                    except trio.TooSlowError:
+                        raise ProxyError(504, "UT", "upstream request timeout: no connection came free") from None
+                    finally:
+                        state.breaker.pending_done()
+                else:
+                    slots.acquire_nowait()
+            try:
+                await self._forward(dconn, dstream, req, headers, target, None, span, security, sel, hash_key)
+            finally:
+                if slots is not None:
+                    slots.release()
+        finally:
+            state.breaker.request_done()
+
+    async def _read_body(self, dconn, dstream, span: _Span) -> bytes:
+        """The whole request body (at most MAX_RETRY_BODY by its Content-Length), for retries."""
+        parts = []
+        while True:
+            try:
+                ev = dconn.next_event()
+                if ev is h11.NEED_DATA:
+                    ev = await _next_event(dconn, dstream, BODY_IDLE_TIMEOUT_S)
+            except trio.TooSlowError:
+                raise ProxyError(408, "DC", "request body stalled") from None
+            except h11.RemoteProtocolError as exc:
+                raise ProxyError(400, "DC", f"bad request body: {exc}") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _DownstreamGone() from None
+            if isinstance(ev, h11.Data):
+                span.req_bytes += len(ev.data)
+                parts.append(ev.data)
+            elif isinstance(ev, h11.EndOfMessage):
+                return b"".join(parts)
+            else:
+                raise _DownstreamGone()
+
+    async def _forward(self, dconn, dstream, req: h11.Request, headers, target: str, upstream: Addr | None,
+                       span: _Span, security: Security = PLAINTEXT, sel: Selection | None = None,
+                       hash_key: str | None = None) -> None:
+        """Send the request to *upstream*, or (outbound) to endpoints the router picks for *sel*,
+        retrying by the route's policy; relay the response."""
         chunked = _is_chunked(headers)
         length = _header(headers, b"content-length")
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
@@ -413,7 +526,96 @@ class Sidecar:
             # as Envoy does by default: answer 100 ourselves rather than relaying the upstream's
             await dstream.send_all(dconn.send(h11.InformationalResponse(status_code=100, headers=[])))
         out_req = h11.Request(method=req.method, target=target.encode("ascii"), headers=headers)
-        deadline = trio.current_time() + ROUTE_TIMEOUT_S
+        route = sel.route if sel is not None else None
+        timeout = route.timeout_s if route is not None and route.timeout_s else ROUTE_TIMEOUT_S
+        deadline = trio.current_time() + timeout
+        policy: RetryPolicy | None = route.retries if route is not None else None
+        if policy is not None and policy.attempts <= 0:
+            policy = None
+        body = None
+        if policy is not None and has_body:
+            try:
+                size = int(length) if not chunked and length is not None else -1
+            except ValueError:
+                size = -1
+            if 0 <= size <= MAX_RETRY_BODY:
+                body = await self._read_body(dconn, dstream, span)
+            else:
+                policy = None  # a streamed body cannot be sent twice
+        replayable = not has_body or body is not None
+        state = sel.state if sel is not None else None
+        tried: list = []
+        retries = 0
+        in_retry = False
+        if sel is not None:
+            span.attrs["mesh.retries"] = 0
+        while True:
+            ep = None
+            if sel is not None:
+                try:
+                    ep = self.router.endpoint(sel, tried, hash_key)
+                except NoHealthyUpstream as exc:
+                    if in_retry:
+                        state.budget.retry_done()
+                    raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
+                upstream = ep.address
+                span.attrs["mesh.upstream.endpoint"] = str(upstream)
+                span.attrs["mesh.destination.version"] = ep.version
+                state.started(ep)
+            attempt_deadline = deadline
+            if policy is not None and policy.per_try_timeout_s is not None:
+                attempt_deadline = min(deadline, trio.current_time() + policy.per_try_timeout_s)
+            outcome: Outcome | None = None
+            resp = uc = None
+            error: ProxyError | None = None
+            try:
+                resp, uc = await self._attempt(upstream, security, dconn, dstream, out_req, has_body, body, replayable,
+                                               span, attempt_deadline, timeout if attempt_deadline == deadline else None)
+                outcome = Outcome(resp.status_code)
+            except ProxyError as exc:
+                error = exc
+                if exc.flag in ("UF", "UC", "UT"):
+                    outcome = Outcome(None, exc.flag)
+            finally:
+                if state is not None:
+                    state.finished(ep, outcome)
+                if in_retry:
+                    state.budget.retry_done()
+                    in_retry = False
+            if policy is None or outcome is None or not policy.retriable(outcome):
+                break
+            if retries >= policy.attempts or trio.current_time() >= deadline or not state.budget.try_retry():
+                # retries exhausted (or the budget says no) and this attempt failed too
+                if error is not None:
+                    error = ProxyError(error.status, f"{error.flag},URX", f"{error} (after {retries} retries)")
+                else:
+                    span.flag = "URX"
+                break
+            in_retry = True
+            if uc is not None:
+                await uc.aclose()  # the response is not wanted: a retry takes its place
+            retries += 1
+            span.attrs["mesh.retries"] = retries
+            tried.append(ep)
+            try:
+                with trio.move_on_at(deadline):
+                    await trio.sleep(policy.backoff_s(retries, self._rng))
+            except BaseException:
+                state.budget.retry_done()
+                raise
+        if error is not None:
+            raise error
+        try:
+            await self._relay_response(uc, dconn, dstream, resp, span)
+        except BaseException:
+            await uc.aclose()
+            raise
+        await self.pool.release(uc)
+
+    async def _attempt(self, upstream: Addr, security: Security, dconn, dstream, out_req, has_body: bool,
+                       body: bytes | None, replayable: bool, span: _Span, deadline: float, route_timeout: float | None):
+        """One try: a connection (a stale kept-alive one is replaced once), the request, the response
+        head. Returns (response head, connection); ProxyError when it failed."""
         for attempt in (1, 2):
             try:
                 uc = await self.pool.acquire(upstream, security)
@@ -424,29 +626,28 @@ class Sidecar:
                 span.attrs["mesh.source.principal"] = str(self.tls.identity)  # what the upstream verified
                 span.attrs["mesh.destination.principal"] = str(uc.peer)
             try:
-                resp = await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline)
-                break
+                return await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline,
+                                                body, route_timeout), uc
             except _UpstreamGone as exc:
                 await uc.aclose()
-                if uc.reused and not has_body and attempt == 1:
+                if uc.reused and replayable and attempt == 1:
                     continue
                 raise ProxyError(503, "UC", f"upstream disconnect/reset before headers: {exc}") from None
             except BaseException:
                 await uc.aclose()
                 raise
-        try:
-            await self._relay_response(uc, dconn, dstream, resp, span)
-        except BaseException:
-            await uc.aclose()
-            raise
-        await self.pool.release(uc)
+        raise AssertionError("unreachable")
 
-    async def _send_request(self, uc: UpstreamConn, dconn, dstream, out_req, has_body: bool, span: _Span, deadline):
-        """Send the request head and body upstream; return the response head."""
+    async def _send_request(self, uc: UpstreamConn, dconn, dstream, out_req, has_body: bool, span: _Span, deadline,
+                            body: bytes | None = None, route_timeout: float | None = ROUTE_TIMEOUT_S):
+        """Send the request head and body (streamed from the downstream, or *body* when it was read
+        whole) upstream; return the response head. *route_timeout* None: the deadline is a per-try one."""
         u = uc.h11
         # Writes are coalesced: what h11 hands over without waiting for the network (the head, a
         # small body, the end) goes out in one send; a wait for the downstream flushes first.
         pending = u.send(out_req)
+        if body:
+            pending += u.send(h11.Data(data=body))
 
         async def flush() -> None:
             nonlocal pending
@@ -459,7 +660,7 @@ class Sidecar:
                     raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
 
         try:
-            while dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
+            while body is None and dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
                 try:
                     ev = dconn.next_event()
                     if ev is h11.NEED_DATA:
@@ -487,9 +688,10 @@ class Sidecar:
         while True:
             try:
                 with trio.fail_at(deadline):
-                    ev = await _next_event(u, uc.stream, ROUTE_TIMEOUT_S)
+                    ev = await _next_event(u, uc.stream, ROUTE_TIMEOUT_S + 3600)
             except trio.TooSlowError:
-                raise ProxyError(504, "UT", f"upstream request timeout: no response within {ROUTE_TIMEOUT_S:.0f}s") from None
+                raise ProxyError(504, "UT", f"upstream request timeout: no response within {route_timeout:g}s"
+                                 if route_timeout is not None else "upstream per-try timeout") from None
             except h11.RemoteProtocolError as exc:
                 data, closed = u.trailing_data
                 if closed and data[:5] == b"HTTP/"[:len(data)]:  # the peer closed before or inside a response head

@@ -66,7 +66,7 @@ async def _watch_config(path: str, router: Router, mtime: float) -> None:
             log.error("config change rejected, keeping the last good config: %s", exc)
             continue
         router.update(cfg)
-        log.info("config reloaded from %s: %d services, %d routes", path, len(cfg.services), len(cfg.routes))
+        log.info("config reloaded from %s: %d services, %d routes", path, len(cfg.services), sum(map(len, cfg.routes.values())))
 
 
 class UsageError(Exception):

@@ -40,11 +40,11 @@ def test_example_from_the_docs_parses_into_frozen_objects():
     cat = cfg.services["catalog"]
     assert cat.endpoints == (Endpoint(Addr("127.0.0.1", 9001), "v1"), Endpoint(Addr("127.0.0.1", 9002), "v2"))
     assert cfg.services["pricing"].endpoints == (Endpoint(Addr("::1", 9003), "v1"),)  # default version v1
-    assert cfg.routes["catalog"].destinations == (Destination("v1", 80), Destination("v2", 20))
+    assert cfg.routes["catalog"][0].destinations == (Destination("v1", 80), Destination("v2", 20))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cat.name = "other"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.routes["catalog"].destinations[0].weight = 1  # type: ignore[misc]
+        cfg.routes["catalog"][0].destinations[0].weight = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("text", ["", "   \n", "# only a comment\n", "~\n", "null"])
@@ -57,7 +57,7 @@ def test_json_is_yaml_too():
             ' "routes": [{"service": "catalog", "destinations": [{"version": "v2"}]}]}')
     cfg = parse_config(text, SRC)
     assert cfg.services["catalog"].endpoints[0].version == "v2"
-    assert cfg.routes["catalog"].destinations == (Destination("v2", 1),)  # weight defaults to 1
+    assert cfg.routes["catalog"][0].destinations == (Destination("v2", 1),)  # weight defaults to 1
 
 
 def test_sections_may_be_empty_and_zero_weights_are_allowed_beside_others():
@@ -73,7 +73,7 @@ def test_sections_may_be_empty_and_zero_weights_are_allowed_beside_others():
         """), SRC)
     assert cfg.services["a"].endpoints == ()
     assert cfg.services["b"].endpoints[0].address == Addr("127.0.0.1", 80)  # empty host: loopback
-    assert cfg.routes["b"].destinations == (Destination("v1", 0), Destination("v2", 5))
+    assert cfg.routes["b"][0].destinations == (Destination("v1", 0), Destination("v2", 5))
 
 
 def test_yaml_anchors_and_merge_keys_work():
@@ -119,7 +119,7 @@ ERRORS = [
     (BASE + "routes:\n  - catalog\n", 6, "routes[0]", "expected a mapping"),
     (BASE + "routes:\n  - destinations: [{version: v1}]\n", 6, "routes[0]", "missing required key 'service'"),
     (BASE + "routes:\n  - service: catalog\n", 6, "routes[0]", "missing required key 'destinations'"),
-    (BASE + "routes:\n  - {service: catalog, destinations: [{version: v1}], retries: 2}\n", 6, "routes[0].retries", "unknown key"),
+    (BASE + "routes:\n  - {service: catalog, destinations: [{version: v1}], retry: 2}\n", 6, "routes[0].retry", "unknown key"),
     (BASE + "routes:\n  - service: pricing\n    destinations: [{version: v1}]\n", 6, "routes[0].service", "no service 'pricing'"),
     (BASE + "routes:\n  - service: Catalog\n    destinations: [{version: v1}]\n", 6, "routes[0].service", "not a valid service name"),
     (BASE + "routes:\n  - {service: catalog, destinations: [{version: v1}]}\n  - {service: catalog, destinations: [{version: v1}]}\n",
@@ -133,6 +133,29 @@ ERRORS = [
     (BASE + "routes:\n  - service: catalog\n    destinations:\n      - {version: v1, weight: 0.5}\n", 8, "routes[0].destinations[0].weight", "non-negative integer"),
     (BASE + "routes:\n  - service: catalog\n    destinations:\n      - {version: v1, weight: true}\n", 8, "routes[0].destinations[0].weight", "got true"),
     (BASE + "routes:\n  - service: catalog\n    destinations:\n      - {version: v1, weight: 0}\n", 8, "routes[0].destinations", "add up to 0"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    timeout: 2\n", 8, "routes[0].timeout", "expected a duration"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    timeout: 2 s\n", 8, "routes[0].timeout", "expected a duration"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: 2\n", 8, "routes[0].retries", "expected a mapping"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: 2, retry_on: 'gateway-error,sometimes'}\n", 8, "routes[0].retries.retry_on", "'sometimes' is not a retry condition"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: -1}\n", 8, "routes[0].retries.attempts", "expected an integer"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: 1, per_try_timeout: 1h30}\n", 8, "routes[0].retries.per_try_timeout", "expected a duration"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: 1, retriable_status_codes: [700]}\n", 8, "routes[0].retries.retriable_status_codes[0]", "100-599"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: 1, tries: 2}\n", 8, "routes[0].retries.tries", "unknown key"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {percent: 150, http_status: 503}}\n", 8, "routes[0].fault.abort.percent", "percentage"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {percent: 50}}\n", 8, "routes[0].fault.abort", "missing required key 'http_status'"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {delay: {fixed_delay: soon}}\n", 8, "routes[0].fault.delay.fixed_delay", "expected a duration"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{path: {regex: '(unclosed'}}]\n", 8, "routes[0].match[0].path.regex", "does not compile"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{path: {exact: /a, prefix: /b}}]\n", 8, "routes[0].match[0].path", "exactly one of"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{path: {present: true}}]\n", 8, "routes[0].match[0].path.present", "unknown key"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{method: get}]\n", 8, "routes[0].match[0].method", "not a valid HTTP method"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{headers: {x-user: {present: false}}}]\n", 8, "routes[0].match[0].headers.x-user.present", "expected true"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{headers: {'bad header': {exact: a}}}]\n", 8, "routes[0].match[0].headers.bad header", "not a valid header name"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{host: x}]\n", 8, "routes[0].match[0].host", "unknown key"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: []\n", 8, "routes[0].match", "empty list"),
+    ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {load_balancer: fastest}\n", 4, "services.catalog.traffic_policy.load_balancer", "not a load balancer"),
+    ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {connection_pool: {max_requests: 0}}\n", 4, "services.catalog.traffic_policy.connection_pool.max_requests", "expected an integer"),
+    ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {outlier_detection: {interval: 1s}}\n", 4, "services.catalog.traffic_policy.outlier_detection.interval", "unknown key"),
+    ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {load_balancer: {consistent_hash: {cookie: a}}}\n", 4, "services.catalog.traffic_policy.load_balancer.consistent_hash.cookie", "unknown key"),
 ]
 
 
@@ -265,4 +288,61 @@ def test_generated_valid_configs_parse_to_what_was_written(services):
     cfg = parse_config(yaml.safe_dump(doc), SRC)
     for name, eps in services.items():
         assert cfg.services[name].endpoints == tuple(Endpoint(Addr("127.0.0.1", p), v) for p, v in eps)
-        assert {d.version for d in cfg.routes[name].destinations} == {v for _, v in eps}
+        assert {d.version for d in cfg.routes[name][0].destinations} == {v for _, v in eps}
+
+
+ROUTING = """\
+services:
+  catalog:
+    endpoints:
+      - {address: 127.0.0.1:9001, version: v1}
+      - {address: 127.0.0.1:9002, version: v2}
+    traffic_policy:
+      load_balancer: {consistent_hash: {header: X-User}}
+      connection_pool: {max_connections: 10, max_pending_requests: 5, max_requests: 20}
+      outlier_detection: {consecutive_5xx: 3, base_ejection_time: 500ms, max_ejection_percent: 50}
+routes:
+  - service: catalog
+    name: testers
+    match:
+      - headers: {x-user: {exact: tester}}
+      - path: {regex: '/beta/.*'}
+        methods: [GET, HEAD]
+        query: {debug: {present: true}}
+    destinations: [{version: v2}]
+    timeout: 2s
+    retries: {attempts: 3, per_try_timeout: 250ms, retry_on: 'gateway-error,connect-failure', retriable_status_codes: [409]}
+    fault: {delay: {percent: 10, fixed_delay: 1m}, abort: {percent: 5.5, http_status: 418}}
+  - service: catalog
+    destinations: [{version: v1}]
+"""
+
+
+def test_routes_with_matches_retries_faults_and_traffic_policy():
+    from tracemesh.proxy._resilience import Limits, OutlierPolicy, RetryPolicy
+
+    cfg = parse_config(ROUTING, SRC)
+    first, second = cfg.routes["catalog"]
+    assert (first.name, second.name) == ("testers", "catalog-1")  # unnamed: service-index
+    assert not second.matches and second.retries is None and second.timeout_s is None and second.fault is None
+    assert first.timeout_s == 2.0
+    assert first.retries == RetryPolicy(3, 0.25, frozenset({"gateway-error", "connect-failure", "retriable-status-codes"}),
+                                        frozenset({409}))
+    assert (first.fault.delay_percent, first.fault.delay_s, first.fault.abort_percent, first.fault.abort_status) == (10.0, 60.0, 5.5, 418)
+    m0, m1 = first.matches
+    assert m0.matches("GET", "/x", {"x-user": "tester"}.get, {})
+    assert not m0.matches("GET", "/x", {"x-user": "testers"}.get, {})
+    assert m1.matches("HEAD", "/beta/a", {}.get, {"debug": ""})
+    assert not m1.matches("POST", "/beta/a", {}.get, {"debug": "1"})
+    assert not m1.matches("GET", "/beta/a", {}.get, {})
+    tp = cfg.services["catalog"].traffic_policy
+    assert (tp.load_balancer, tp.hash_header) == ("consistent_hash", "x-user")
+    assert tp.limits == Limits(10, 5, 20)
+    assert tp.outlier == OutlierPolicy(consecutive_5xx=3, base_ejection_s=0.5, max_ejection_percent=50.0)
+    assert cfg.services["catalog"].traffic_policy != parse_config(EXAMPLE, SRC).services["catalog"].traffic_policy
+
+
+def test_route_names_are_unique_per_service():
+    text = ROUTING.replace("    destinations: [{version: v1}]\n", "    name: testers\n    destinations: [{version: v1}]\n")
+    with pytest.raises(ConfigError, match=r"mesh.yaml:\d+: routes\[1\].name: a second route named 'testers'"):
+        parse_config(text, SRC)

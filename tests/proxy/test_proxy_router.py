@@ -122,3 +122,38 @@ def test_any_authority_is_a_pick_or_a_typed_refusal(authority):
     except (NoRoute, NoHealthyUpstream):
         return
     assert pick.service in CONFIG.services
+
+
+MATCHED = parse_config("""
+services:
+  shop:
+    endpoints: [{address: ':1', version: v1}, {address: ':2', version: v2}, {address: ':3', version: v2}]
+    traffic_policy: {outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100}}
+routes:
+  - {service: shop, name: api, match: [{path: {prefix: /api/}, method: POST}], destinations: [{version: v2}]}
+  - {service: shop, name: beta, match: [{query: {beta: {exact: '1'}}}], destinations: [{version: v2}]}
+  - {service: shop, name: rest, match: [{path: {prefix: /}}], destinations: [{version: v1}]}
+""")
+
+
+def test_first_matching_route_wins_and_unmatched_requests_are_no_route():
+    router = Router(MATCHED)
+    assert router.select("shop", "POST", "/api/x").route.name == "api"
+    assert router.select("shop", "GET", "/api/x").route.name == "rest"
+    assert router.select("shop", "GET", "/a", query={"beta": "1"}).route.name == "beta"
+    assert router.pick("shop", "POST", "/api/x").endpoint.version == "v2"
+    with pytest.raises(NoRoute):
+        router.select("shop", "GET", "no-slash")
+
+
+def test_ejected_endpoints_are_skipped_until_all_are():
+    from tracemesh.proxy._resilience import Outcome
+
+    router = Router(MATCHED)
+    sel = router.select("shop", "POST", "/api/x")
+    a, b = sel.state.by_version["v2"]
+    sel.state.finished(a, Outcome(500))
+    assert {router.endpoint(sel) for _ in range(6)} == {b}
+    sel.state.finished(b, Outcome(503))
+    assert {router.endpoint(sel) for _ in range(6)} == {a, b}  # panic: all ejected, all used
+    assert router.endpoint(sel, exclude=[a]) == b
