@@ -26,6 +26,7 @@ class StatusApp:
     def __init__(self, status: int) -> None:
         app = self
         self.hits = 0
+        self.status = status  # a test may heal (or break) the app while it runs
         self._lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,7 +39,7 @@ class StatusApp:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with app._lock:
                     app.hits += 1
-                self.send_response(status)
+                self.send_response(app.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -62,7 +63,8 @@ def ep(addr, version="v1"):
 def routed(otlp, tmp_path_factory):
     work = tmp_path_factory.mktemp("routing")
     apps = {name: Upstream(name) for name in ("v1", "v2", "good", "slow", "healthy")}
-    bad = {name: StatusApp(code) for name, code in (("flaky", 503), ("broken1", 503), ("broken2", 503), ("sick", 500))}
+    bad = {name: StatusApp(code) for name, code in (("flaky", 503), ("broken1", 503), ("broken2", 503), ("sick", 500),
+                                                    ("relapsing", 500))}
     config = {
         "services": {
             "shop": {"endpoints": [ep(apps["v1"].addr, "v1"), ep(apps["v2"].addr, "v2")]},
@@ -70,6 +72,9 @@ def routed(otlp, tmp_path_factory):
             "broken": {"endpoints": [ep(bad["broken1"].addr), ep(bad["broken2"].addr)]},
             "slow": {"endpoints": [ep(apps["slow"].addr)],
                      "traffic_policy": {"connection_pool": {"max_requests": 1}}},
+            "returning": {"endpoints": [ep(bad["relapsing"].addr), ep(apps["healthy"].addr)],
+                          "traffic_policy": {"outlier_detection": {"consecutive_5xx": 2, "base_ejection_time": "1s",
+                                                                   "max_ejection_percent": 50}}},
             "ejecting": {"endpoints": [ep(bad["sick"].addr), ep(apps["healthy"].addr)],
                          "traffic_policy": {"outlier_detection": {"consecutive_5xx": 2, "base_ejection_time": "30s",
                                                                   "max_ejection_percent": 50}}},
@@ -261,3 +266,18 @@ def test_outlier_detection_ejects_the_failing_endpoint(routed, otlp):
     assert codes[4:] == [200] * 8, codes
     status, body, rid = call(sc, "ejecting", "/o")
     assert status == 200 and span_of(otlp, rid).attrs["mesh.upstream.endpoint"] == str(apps["healthy"].addr)
+
+
+def test_an_ejected_endpoint_returns_after_its_ejection_time(routed):
+    sc, apps, bad = routed
+    sick = bad["relapsing"]
+    for _ in range(6):
+        call(sc, "returning", "/r")
+    assert sick.hits == 2  # ejected after two consecutive 500s
+    sick.status = 200  # the app recovers; the sidecar only learns by trying it again
+    for _ in range(4):
+        call(sc, "returning", "/r")
+    assert sick.hits == 2  # still ejected
+    time.sleep(1.2)  # base ejection time 1 s (x1, first ejection)
+    codes = [call(sc, "returning", "/r")[0] for _ in range(6)]
+    assert codes == [200] * 6 and sick.hits >= 4, (codes, sick.hits)  # back in the rotation
