@@ -51,6 +51,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
+from tracemesh._h11io import next_event as _next_event
 from tracemesh.net import Addr
 from tracemesh.proxy._authz import DENIED_BODY, RBAC_FLAG, Authorizer
 from tracemesh.proxy._authz import Request as AuthzRequest
@@ -75,7 +76,6 @@ IDLE_TIMEOUT_S = 60.0
 ROUTE_TIMEOUT_S = 15.0
 #: Between two reads of a streaming body, on either side.
 BODY_IDLE_TIMEOUT_S = 60.0
-READ_CHUNK = 64 * 1024
 #: A request body up to this size (with a Content-Length) is read whole before it is sent, when its
 #: route retries, so that a retry can send it again; a larger or chunked body streams, untried twice.
 MAX_RETRY_BODY = 64 * 1024
@@ -129,16 +129,28 @@ class _Span:
     resp_bytes: int = 0
 
 
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: float):
-    # one deadline for the whole event: a peer trickling a head byte by byte must not reset it
-    deadline = trio.current_time() + timeout
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        with trio.fail_at(deadline):
-            data = await stream.receive_some(READ_CHUNK)
-        conn.receive_data(data)
+async def _body_event(dconn: h11.Connection, dstream, before_wait=None):
+    """The downstream's next request-body event, its failures mapped to the client's fault.
+
+    *before_wait* runs before waiting on the network (to flush what is pending upstream); its own
+    errors are the upstream's and pass through unmapped.
+    """
+    try:
+        ev = dconn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise ProxyError(400, "DC", f"bad request body: {exc}") from None
+    if ev is not h11.NEED_DATA:
+        return ev
+    if before_wait is not None:
+        await before_wait()
+    try:
+        return await _next_event(dconn, dstream, BODY_IDLE_TIMEOUT_S)
+    except trio.TooSlowError:
+        raise ProxyError(408, "DC", "request body stalled") from None
+    except h11.RemoteProtocolError as exc:
+        raise ProxyError(400, "DC", f"bad request body: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise _DownstreamGone() from None
 
 
 def _header(headers, name: bytes) -> bytes | None:
@@ -493,16 +505,7 @@ class Sidecar:
         """The whole request body (at most MAX_RETRY_BODY by its Content-Length), for retries."""
         parts = []
         while True:
-            try:
-                ev = dconn.next_event()
-                if ev is h11.NEED_DATA:
-                    ev = await _next_event(dconn, dstream, BODY_IDLE_TIMEOUT_S)
-            except trio.TooSlowError:
-                raise ProxyError(408, "DC", "request body stalled") from None
-            except h11.RemoteProtocolError as exc:
-                raise ProxyError(400, "DC", f"bad request body: {exc}") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _DownstreamGone() from None
+            ev = await _body_event(dconn, dstream)
             if isinstance(ev, h11.Data):
                 span.req_bytes += len(ev.data)
                 parts.append(ev.data)
@@ -661,17 +664,7 @@ class Sidecar:
 
         try:
             while body is None and dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
-                try:
-                    ev = dconn.next_event()
-                    if ev is h11.NEED_DATA:
-                        await flush()
-                        ev = await _next_event(dconn, dstream, BODY_IDLE_TIMEOUT_S)
-                except trio.TooSlowError:
-                    raise ProxyError(408, "DC", "request body stalled") from None
-                except h11.RemoteProtocolError as exc:
-                    raise ProxyError(400, "DC", f"bad request body: {exc}") from None
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise _DownstreamGone() from None
+                ev = await _body_event(dconn, dstream, before_wait=flush)
                 if isinstance(ev, h11.Data):
                     span.req_bytes += len(ev.data)
                     pending += u.send(ev)

@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
+from tracemesh._h11io import next_event as _next_event
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -29,7 +31,6 @@ HEADER_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 #: A body must keep arriving: at most this long between two reads.
 BODY_READ_TIMEOUT_S = 30.0
-READ_CHUNK = 64 * 1024
 
 
 @dataclass
@@ -77,17 +78,6 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class _ClientGone(Exception):
     pass
-
-
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: float):
-    # one deadline for the whole event: a client trickling a byte at a time must not renew it
-    with trio.fail_after(timeout):
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await stream.receive_some(READ_CHUNK)
-            conn.receive_data(data)
 
 
 async def _send(conn: h11.Connection, stream: trio.abc.Stream, event) -> None:

@@ -1,0 +1,22 @@
+"""Reading h11 events from a Trio stream, shared by the sidecar and the control-endpoint server."""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+READ_CHUNK = 64 * 1024
+
+
+async def next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: float, chunk: int = READ_CHUNK):
+    """The next event of *conn*, reading from *stream* as needed, within *timeout* seconds for the
+    whole event: a peer trickling a head byte by byte must not renew the deadline (slowloris).
+
+    Raises trio.TooSlowError, h11.RemoteProtocolError, or the stream's errors.
+    """
+    with trio.fail_after(timeout):
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(await stream.receive_some(chunk))
