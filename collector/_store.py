@@ -167,8 +167,14 @@ class EmbeddedStore:
         n = len(batch)
         if not n:
             return 0
-        if self.native is not None and type(batch).__name__ == "NativeTraces":
-            return self.native.insert(batch, token)
+        if type(batch).__name__ == "NativeTraces":
+            if self.native is not None and len(batch) >= self.native.min_spans:
+                return self.native.insert(batch, token)
+            # small batches: the Python encoder's fixed cost is far lower. The choice depends only on
+            # the run (its valid spans), so a replay takes the same path and its token still matches.
+            from tracemesh.collector._native import encode_payloads
+
+            batch = encode_payloads(batch)
         arrow = spans_to_arrow(batch) if isinstance(batch, SpanColumns) else batch.arrow()
         data = _arrow_stream(arrow)
         settings = f" SETTINGS insert_deduplication_token = '{_sql_quote(token)}'" if token else ""
@@ -181,11 +187,12 @@ class EmbeddedStore:
                 raise QueryError(_chdb_message(exc)) from None
         return n
 
-    def enable_native(self, workdir) -> None:
-        """Let ClickHouse parse OTLP trace requests itself from now on (see _native.py)."""
-        from tracemesh.collector._native import NativeIngest
+    def enable_native(self, workdir, min_spans: int | None = None) -> None:
+        """Let ClickHouse parse OTLP trace requests itself from now on, for batches of at least
+        *min_spans* valid spans (default :data:`NATIVE_MIN_SPANS`; see _native.py)."""
+        from tracemesh.collector._native import NATIVE_MIN_SPANS, NativeIngest
 
-        native = NativeIngest(self, workdir)
+        native = NativeIngest(self, workdir, NATIVE_MIN_SPANS if min_spans is None else min_spans)
         native.setup()
         self.native = native
 

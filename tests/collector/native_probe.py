@@ -22,7 +22,7 @@ def main() -> None:
     d = tempfile.mkdtemp()
     st = EmbeddedStore(d)
     st.ensure_schema()
-    st.enable_native(d + "/native")
+    st.enable_native(d + "/native", min_spans=0)  # every batch native, however small
     out = []
     for n, payloads in enumerate(cases):
         payloads = [bytes.fromhex(p) for p in payloads]

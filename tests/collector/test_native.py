@@ -161,3 +161,31 @@ def test_the_zoo_of_awkward_values():
     _same([res])
     assert len(res["native"]) == 3 and res["rejected"] == [2, 2]
     assert res["deep"] == 2  # the duplicate keys and the doubles/control characters inside arrays
+
+
+_ROUTING = """
+import sys, tempfile
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from tracemesh.collector._native import validate_traces
+from tracemesh.collector._store import EmbeddedStore
+req = ExportTraceServiceRequest.FromString(bytes.fromhex(sys.argv[1]))
+d = tempfile.mkdtemp(); st = EmbeddedStore(d); st.ensure_schema(); st.enable_native(d + "/n", min_spans=3)
+small, _ = validate_traces(req, req.SerializeToString())  # 2 spans: under the threshold
+st.insert_rows("otel_traces", small["otel_traces"], "small")
+calls = []
+real = st.native.insert
+st.native.insert = lambda b, t: calls.append(t) or real(b, t)
+st.insert_rows("otel_traces", small["otel_traces"], "small-2")
+big = small["otel_traces"]; big.extend(validate_traces(req, req.SerializeToString())[0]["otel_traces"])
+st.insert_rows("otel_traces", big, "big")  # 4 spans: native
+print(calls, st.query_write("SELECT count() FROM otel_traces").decode().strip())
+"""
+
+
+def test_small_batches_take_the_python_encoder_large_ones_the_native_path():
+    req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[
+        Span(trace_id=bytes([1] * 16), span_id=bytes([i + 1] * 8), name="s") for i in range(2)])])])
+    r = subprocess.run([sys.executable, "-c", _ROUTING, req.SerializeToString().hex()], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["['big']", "8"]  # 2 + 2 through Python, 4 natively
