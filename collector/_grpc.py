@@ -46,16 +46,13 @@ def _handler(signal: Signal, pipeline: Pipeline):
             result = signal.accept(data)
         except OTLPError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if result.rows:
-            try:
-                pipeline.submit(signal.kind, data, result.batches, result.rejected)
-            except Backpressure as exc:
-                md = _retry_info_trailer(exc.retry_after_s)
-                if md is not None:
-                    context.set_trailing_metadata((md,))
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {exc.retry_after_s}s")
-        elif result.rejected:
-            pipeline.stats.rejected_rows += result.rejected
+        try:
+            pipeline.submit(signal.kind, data, result.batches, result.rejected)
+        except Backpressure as exc:
+            md = _retry_info_trailer(exc.retry_after_s)
+            if md is not None:
+                context.set_trailing_metadata((md,))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {exc.retry_after_s}s")
         return signal.response(result)
 
     return export

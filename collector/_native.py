@@ -236,8 +236,13 @@ SELECT Batch, Rec, RsI, ScI, SpI FROM {STAGING} WHERE Deep = 1""")
     return out
 
 
+def _quote(text: str) -> str:
+    """*text* inside a ClickHouse string literal."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def insert_sql(batch_file: str, schema_file: str, token: str) -> str:
-    q = token.replace("\\", "\\\\").replace("'", "\\'")
+    q = _quote(token)
     structure = STRUCTURE.replace("'", "\\'")
     return f"""INSERT INTO {STAGING}
 SETTINGS insert_deduplication_token = '{q}', deduplicate_blocks_in_dependent_materialized_views = 1
@@ -294,7 +299,7 @@ class NativeIngest:
         os.replace(tmp, self.batch_file)
         self.store.execute(insert_sql(str(self.batch_file), str(self.schema_file), token))
         deep = self.store.query_write(
-            f"SELECT Rec, RsI, ScI, SpI FROM {DEEP} WHERE Batch = '{token.replace(chr(39), '')}' ORDER BY Rec, RsI, ScI, SpI"
+            f"SELECT Rec, RsI, ScI, SpI FROM {DEEP} WHERE Batch = '{_quote(token)}' ORDER BY Rec, RsI, ScI, SpI"
         ).decode().split()
         if deep:
             self._store_deep(batch, token, [tuple(map(int, deep[i:i + 4])) for i in range(0, len(deep), 4)])

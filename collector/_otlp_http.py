@@ -91,9 +91,7 @@ class OTLPHttp:
 
     def _export(self, signal, body: bytes, as_json: bool) -> tuple[int, bytes]:
         result = signal.accept_json(body) if as_json else signal.accept(body)
-        if result.rows:
-            payload = result.request.SerializeToString() if as_json else body
-            self.pipeline.submit(signal.kind, payload, result.batches, result.rejected)
-        elif result.rejected:
-            self.pipeline.stats.rejected_rows += result.rejected
+        # the log keeps binary protobuf: JSON is re-serialized (only when there is something to keep)
+        payload = (result.request.SerializeToString() if as_json else body) if result.rows else b""
+        self.pipeline.submit(signal.kind, payload, result.batches, result.rejected)
         return 200, signal.response_json(result) if as_json else signal.response(result)

@@ -155,13 +155,17 @@ class Pipeline:
     def queued_rows(self) -> int:
         return sum(e.rows for e in self._pending.values())
 
-    def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0) -> int:
-        """Make one export durable and queue its rows; return its sequence number.
+    def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0) -> int | None:
+        """Make one export durable and queue its rows; return its sequence number (None when the
+        export had nothing valid to store: only its rejections are counted).
 
         Blocks until the record is on disk (group commit). Raises Backpressure when the log is full
         or the collector is stopping; then nothing was kept and the sender must retry.
         """
         rows = sum(len(b) for b in batches.values())
+        if not rows:
+            self.stats.rejected_rows += rejected
+            return None
 
         def assigned(seq: int) -> None:
             with self._cond:

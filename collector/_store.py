@@ -55,14 +55,6 @@ class StoreBusy(Exception):
         self.path, self.api_url, self.pid = path, api_url, pid
 
 
-#: ClickHouse reads query parameter values in its escaped (TSV) form.
-_PARAM_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"})
-
-
-def _param(value: str) -> str:
-    return value.translate(_PARAM_ESCAPES)
-
-
 def _sql_quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 

@@ -29,6 +29,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, HistogramDataPoint, NumberDataPoint
 
+from tracemesh.proxy._recorder import any_value
+
 SCOPE_NAME = "tracemesh.proxy"
 
 #: Istio's default buckets of istio_request_duration_milliseconds (ms).
@@ -347,16 +349,6 @@ _DUR_BOUNDS = tuple(float(b) for b in DURATION_BUCKETS_MS)
 _BYTES_BOUNDS = tuple(float(b) for b in BYTES_BUCKETS)
 
 
-def _any(v) -> AnyValue:
-    if isinstance(v, bool):
-        return AnyValue(bool_value=v)
-    if isinstance(v, int):
-        return AnyValue(int_value=v)
-    if isinstance(v, float):
-        return AnyValue(double_value=v)
-    return AnyValue(string_value=str(v))
-
-
 def encode_otlp(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int, scope_version: str = "") -> bytes:
     """A serialized ExportMetricsServiceRequest of *snap*, cumulative since *start_ns*: a monotonic
     Sum for istio_requests_total (and the sidecar's ``*_total`` stats), Histograms with explicit
@@ -364,7 +356,7 @@ def encode_otlp(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int, s
     constructor is copied again), the series' attributes merged in from bytes cached per series."""
     req_msg = ExportMetricsServiceRequest()
     rm = req_msg.resource_metrics.add()
-    rm.resource.attributes.extend(KeyValue(key=k, value=_any(v)) for k, v in resource.items())
+    rm.resource.attributes.extend(KeyValue(key=k, value=any_value(v)) for k, v in resource.items())
     sm = rm.scope_metrics.add()
     sm.scope.name = SCOPE_NAME
     if scope_version:

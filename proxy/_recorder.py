@@ -70,14 +70,19 @@ class RecorderStats:
     export_dropped: int = 0
 
 
+def any_value(v) -> AnyValue:
+    """A Python attribute value as OTLP's AnyValue (bool before int: bool is an int in Python)."""
+    if isinstance(v, bool):
+        return AnyValue(bool_value=v)
+    if isinstance(v, int):
+        return AnyValue(int_value=v)
+    if isinstance(v, float):
+        return AnyValue(double_value=v)
+    return AnyValue(string_value=str(v))
+
+
 def _kv(key: str, value) -> KeyValue:
-    if isinstance(value, bool):
-        return KeyValue(key=key, value=AnyValue(bool_value=value))
-    if isinstance(value, int):
-        return KeyValue(key=key, value=AnyValue(int_value=value))
-    if isinstance(value, float):
-        return KeyValue(key=key, value=AnyValue(double_value=value))
-    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
+    return KeyValue(key=key, value=any_value(value))
 
 
 def encode_request(resource: dict, scope_version: str, spans: list[SpanRecord]) -> bytes:
