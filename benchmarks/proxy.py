@@ -30,6 +30,9 @@ previous run's spans exported and written), so no run pays for the one before it
 
     python benchmarks/proxy.py [--quick] [--rate 1000] [--low-rate 200] [--seconds 20]
 
+``--workers``: the closed-loop maximum of one sidecar with one worker and with two
+(``workers_max_rps``; left out of a ``--quick`` run that has already taken 100 s).
+
 ``--quick`` takes about a minute and a half; the full run about four minutes.
 
 Needs Debian's nginx (and openssl for s_time). Prints one JSON document.
@@ -386,6 +389,59 @@ def _inbound_tls_stats(log: Path) -> dict | None:
     return {"mode": m.group(1), "handshakes": int(m.group(2)), "plaintext": int(m.group(3)), "refused": int(m.group(4))}
 
 
+#: Under --quick, the --workers comparison is left out when the run has already taken this long.
+QUICK_WORKERS_BUDGET_S = 100.0
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                f = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if f[0] != "Z" and int(f[1]) == ppid:
+                out.append(int(entry.name))
+    return out
+
+
+def compare_workers(args, started: float, ports: dict, sidecar, sidecars: dict, measure, out: dict,
+                    secs: float, watch: list[int]) -> dict:
+    """``--workers``: the most one sidecar serves (closed loop, client -> sidecar inbound -> server)
+    with one worker (the ``server`` sidecar) and with two (a sidecar started for this), in the same
+    run. On 2 cores the client (one Python process) takes most of a core of its own, so the ratio
+    is a floor: ``machine_saturated`` says when every core was busy."""
+    took = time.monotonic() - started
+    if args.quick and took > QUICK_WORKERS_BUDGET_S:
+        return {"skipped": f"--quick run had already taken {took:.0f} s"}
+    admin = _free_port()
+    ports["server-w2"] = (_free_port(), _free_port())
+    sidecar("server-w2", "--workers", "2", "--admin", f"127.0.0.1:{admin}")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or sidecars["server-w2"].poll() is not None:
+                return {"skipped": "the --workers 2 sidecar did not become ready"}
+            time.sleep(0.1)
+    w2 = [sidecars["server-w2"].pid, *_children(sidecars["server-w2"].pid)]
+    for name, port in (("one_sidecar_1_worker", ports["server"][0]), ("one_sidecar_2_workers", ports["server-w2"][0])):
+        drive(port, "server", 500, 0.5, [])  # warm up: connections to the app in every worker
+        measure(name, port, "server", 0, secs, [*watch, *w2], closed_loop=True)
+    one, two = out["one_sidecar_1_worker"], out["one_sidecar_2_workers"]
+    return {
+        "max_rps_1_worker": round(one["rps"]), "max_rps_2_workers": round(two["rps"]),
+        "ratio": round(two["rps"] / one["rps"], 2) if one["rps"] else None,
+        "sidecar_cores_2_workers": round(sum(two["cpu_s"][p] for p in w2) / two["wall_s"], 2),
+        "machine_busy_cores_2_workers": round(two["machine_busy_cores"], 2),
+        "machine_saturated": two["machine_busy_cores"] > 0.9 * (os.cpu_count() or 1),
+        "seconds": secs,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short runs, about a minute and a half in all")
@@ -494,6 +550,7 @@ def main() -> None:
                   file=sys.stderr)
             hs = handshakes(ports["server-mtls"][0], cert, key, bundle, hs_seconds, args.handshake_clients,
                             pids["server-mtls"], args.handshake_client)
+            workers_cmp = compare_workers(args, started, ports, sidecar, sidecars, measure, out, closed_seconds, watch)
             rss = max(_rss_mb(pids["client"]), _rss_mb(pids["server"]))
             mtls_rss = max(_rss_mb(pids["client-mtls"]), _rss_mb(pids["server-mtls"]))
 
@@ -556,6 +613,7 @@ def main() -> None:
                              "collector_cores": round(v["cpu_s"][collector.pid] / v["wall_s"], 3)}
                          for k, v in out.items()},
             }
+            result["workers_max_rps"] = workers_cmp
             # the sidecars print their mTLS counters at exit: a refused handshake would show there
             _stop(procs)
             result["mtls_inbound_at_exit"] = _inbound_tls_stats(tmp / "server-mtls.log")

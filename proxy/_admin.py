@@ -82,6 +82,12 @@ def sidecar_stats(recorder, tls, sidecar, conns: ConnectionStats, exporter: Metr
             "tracemesh_sidecar_inbound_connections_total": (conns.total["inbound"], "Inbound connections accepted."),
             "tracemesh_sidecar_outbound_connections_total": (conns.total["outbound"], "Outbound connections accepted."),
             "tracemesh_sidecar_requests_denied_total": (sidecar.denied, "Requests denied by authorization policy."),
+            "tracemesh_sidecar_mirrored_total": (sidecar.mirrors.sent, "Mirrored copies of requests sent."),
+            "tracemesh_sidecar_mirror_dropped_total": (
+                sidecar.mirrors.dropped, "Mirrored copies dropped: too many in flight (or not serving)."),
+            "tracemesh_sidecar_mirror_skipped_total": (
+                sidecar.mirrors.skipped, "Requests not mirrored: a body too large to copy."),
+            "tracemesh_sidecar_mirror_failed_total": (sidecar.mirrors.failed, "Mirrored copies that got no answer."),
             "tracemesh_sidecar_mtls_handshakes_total": (t.handshakes, "Inbound mTLS handshakes completed."),
             "tracemesh_sidecar_mtls_refused_total": (t.refused, "Inbound connections refused by the mTLS mode."),
         }

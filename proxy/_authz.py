@@ -23,6 +23,10 @@ verified identity, never a header. Paths are matched after normalisation
 (:func:`normalize_path`), so ``/public/../admin`` cannot slip past a rule about ``/admin/*``.
 Ports are the port the caller connected to (the sidecar's inbound port, the one the mesh config
 lists as the endpoint's address).
+
+Opaque TCP connections are judged too, as Istio judges TCP traffic: they have no method or path,
+so a rule that names one never matches in an ALLOW or AUDIT policy and matches on its other fields
+in a DENY policy (the HTTP-only fields are ignored there: a DENY errs on the side of denying).
 """
 
 from __future__ import annotations
@@ -111,7 +115,16 @@ class Operation:
     ports: tuple[int, ...] | None = None
     not_ports: tuple[int, ...] | None = None
 
-    def matches(self, req: Request) -> bool:
+    def matches(self, req: Request, http_fields_match: bool = False) -> bool:
+        """*http_fields_match*: for opaque TCP (``req.method`` None), whether a method or path field
+        counts as matched (Istio: ignored in a DENY rule, so it denies more) or not (in an ALLOW or
+        AUDIT rule, so it allows less)."""
+        if req.method is None:
+            if not http_fields_match and any(f is not None for f in (self.methods, self.not_methods,
+                                                                       self.paths, self.not_paths)):
+                return False
+            return ((self.ports is None or req.port in self.ports)
+                    and (self.not_ports is None or req.port not in self.not_ports))
         path = req.normalized_path
         return (_any(self.methods, req.method) and _none(self.not_methods, req.method)
                 and _any(self.paths, path) and _none(self.not_paths, path)
@@ -138,9 +151,9 @@ class Rule:
     sources: tuple[Source, ...] | None = None
     operations: tuple[Operation, ...] | None = None
 
-    def matches(self, req: Request) -> bool:
+    def matches(self, req: Request, http_fields_match: bool = False) -> bool:
         return ((self.sources is None or any(s.matches(req) for s in self.sources))
-                and (self.operations is None or any(o.matches(req) for o in self.operations)))
+                and (self.operations is None or any(o.matches(req, http_fields_match) for o in self.operations)))
 
 
 @dataclass(frozen=True)
@@ -151,17 +164,18 @@ class Policy:
     rules: tuple[Rule, ...] = ()
 
     def matches(self, req: Request) -> bool:
-        return any(r.matches(req) for r in self.rules)
+        return any(r.matches(req, self.action == DENY) for r in self.rules)
 
 
 @dataclass(frozen=True)
 class Request:
     """What a policy can see of a request. ``principal`` is the verified peer SPIFFE ID (None for
-    a plaintext caller); ``path`` excludes the query."""
+    a plaintext caller); ``path`` excludes the query. An opaque TCP connection has no method and
+    no path (None): see :meth:`Operation.matches`."""
 
     principal: str | None
-    method: str
-    path: str
+    method: str | None
+    path: str | None
     port: int
 
     @property
@@ -176,7 +190,7 @@ class Request:
 
     @property
     def normalized_path(self) -> str:
-        return normalize_path(self.path)
+        return normalize_path(self.path or "")
 
 
 @dataclass(frozen=True)

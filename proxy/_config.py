@@ -20,8 +20,8 @@ Shape::
 
 Routes: several per service, the first whose ``match`` takes a request wins (none: every request);
 each may have ``name``, ``match`` (a list of alternatives of path/method(s)/headers/query string
-matches), ``timeout``, ``retries`` and ``fault``. Per service, ``traffic_policy``: load_balancer,
-connection_pool, outlier_detection. Durations are strings: ``250ms``, ``2s``, ``1m``. See the
+matches), ``timeout``, ``retries``, ``fault`` and ``mirror`` (``{service, version, percent}``).
+Per service, ``traffic_policy``: load_balancer, connection_pool, outlier_detection. Durations are strings: ``250ms``, ``2s``, ``1m``. See the
 README's "Mesh config".
 
 Per service, optionally: ``mtls: strict|permissive|disable`` (how its sidecars take connections,
@@ -42,6 +42,15 @@ Authorization policies (Istio's semantics, see :mod:`tracemesh.proxy._authz`)::
 ``from`` and ``to`` take one mapping or a list of them (alternatives). ``from`` keys:
 principals, not_principals, namespaces, not_namespaces; ``to`` keys: methods, not_methods,
 paths, not_paths, ports, not_ports.
+
+A file may hold several YAML documents (``---``), each a fragment with any of the sections
+(services, routes, policies, canaries); they merge, and a service, policy or canary named in two
+places is an error naming both. Per service also ``ports: [{port, protocol: http|http2|grpc|tcp,
+name}]`` and ``versions: [v1, v2]`` (its subsets: a route or canary may name these or its
+endpoints' versions). ``canaries``: progressive rollouts (name, service, baseline, canary, steps,
+interval, analysis_window, thresholds), validated and stored for the canary judge. The control
+plane (:func:`compose_config`, ``strict``) also merges files over the current config, makes static
+endpoints optional and wants route weights that add up to 100.
 """
 
 from __future__ import annotations
@@ -94,13 +103,29 @@ class TrafficPolicy:
     outlier: OutlierPolicy | None = None
 
 
+#: What a service port speaks (Istio's protocol selection, explicit).
+PROTOCOLS = ("http", "http2", "grpc", "tcp")
+
+
+@dataclass(frozen=True)
+class Port:
+    port: int
+    protocol: str
+    name: str = ""
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Endpoint, ...]  # static ones; the control plane's registry adds the rest at runtime
     mtls: str = DEFAULT_MTLS
     identity: SpiffeId | None = None
     traffic_policy: TrafficPolicy = TrafficPolicy()
+    ports: tuple[Port, ...] = ()
+    versions: tuple[str, ...] = ()  # declared subsets; a route may name these or its endpoints' versions
+
+    def known_versions(self) -> set[str]:
+        return set(self.versions) | {e.version for e in self.endpoints}
 
 
 @dataclass(frozen=True)
@@ -118,6 +143,16 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """Istio's mirror + mirrorPercentage: a copy of *percent* of a route's requests goes to *service*
+    (its *version* only, when given), fire-and-forget; the answer is discarded."""
+
+    service: str
+    version: str | None = None
+    percent: float = 100.0  # Istio's default when mirrorPercentage is left out
+
+
+@dataclass(frozen=True)
 class Route:
     service: str
     destinations: tuple[Destination, ...]
@@ -126,6 +161,28 @@ class Route:
     timeout_s: float | None = None  # None: the sidecar's default route timeout
     retries: RetryPolicy | None = None  # None: no retries
     fault: Fault | None = None
+    mirror: Mirror | None = None  # None: not mirrored
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A progressive rollout of one service's *canary* version beside its *baseline*: validated,
+    stored and distributed now; the canary judge acts on it."""
+
+    name: str
+    service: str
+    baseline: str
+    canary: str
+    steps: tuple[int, ...]  # the canary's weight at each step, percent, increasing, ending at 100
+    interval_s: float  # time at each step
+    analysis_window_s: float  # the spans judged at each step: the last this many seconds
+    max_error_percent: float | None  # None: not judged by errors
+    max_p99_latency_ratio: float | None  # canary p99 / baseline p99; None: not judged by latency
+    min_requests: int  # fewer canary requests than this in the window: no verdict yet
+
+
+#: Fewer requests than this in an analysis window say too little about an error rate to act on.
+DEFAULT_CANARY_MIN_REQUESTS = 100
 
 
 @dataclass(frozen=True)
@@ -133,6 +190,7 @@ class MeshConfig:
     services: dict[str, Service]
     routes: dict[str, tuple[Route, ...]]  # per service, in config order: the first that matches wins
     policies: tuple[Policy, ...] = ()
+    canaries: tuple[Canary, ...] = ()
 
     @classmethod
     def empty(cls) -> "MeshConfig":
@@ -152,10 +210,10 @@ class MeshConfig:
 class _Node:
     """A parsed value with the line it came from (1-based)."""
 
-    __slots__ = ("value", "line")
+    __slots__ = ("value", "line", "source")
 
-    def __init__(self, value, line: int) -> None:
-        self.value, self.line = value, line
+    def __init__(self, value, line: int, source: str | None = None) -> None:
+        self.value, self.line, self.source = value, line, source  # source: set when documents of several files meet
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -212,12 +270,14 @@ for _tag in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,200
 
 
 class _Ctx:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, strict: bool = False) -> None:
         self.source = source
+        self.strict = strict  # the control plane's rules (see parse_config)
 
     def fail(self, node: _Node | None, field: str, msg: str) -> ConfigError:
         line = f":{node.line}" if node is not None else ""
-        return ConfigError(f"{self.source}{line}: {field}: {msg}" if field else f"{self.source}{line}: {msg}")
+        source = node.source if node is not None and node.source else self.source
+        return ConfigError(f"{source}{line}: {field}: {msg}" if field else f"{source}{line}: {msg}")
 
     def mapping(self, node: _Node, field: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
         if not isinstance(node.value, dict):
@@ -253,81 +313,332 @@ def _kind(v) -> str:
     return repr(v)
 
 
-def parse_config(text: str, source: str = "<config>") -> MeshConfig:
-    """Parse and validate *text*; raise ConfigError naming *source*, the line and the field."""
+#: Top-level sections of a document.
+SECTIONS = ("services", "routes", "policies", "canaries")
+#: Nodes in one document once YAML anchors are expanded: a few kilobytes of aliases must not make
+#: a gigabyte of objects (billion laughs); a real mesh config of 4 MiB has a few hundred thousand.
+MAX_CONFIG_NODES = 1_000_000
+
+
+def parse_config(text: str, source: str = "<config>", *, strict: bool = False) -> MeshConfig:
+    """Parse and validate *text*; raise ConfigError naming *source*, the line and the field.
+
+    *text* may hold several YAML documents (``---``); they merge into one config, and a service,
+    policy or canary defined in two of them is an error naming both places. ``strict`` adds the
+    control plane's rules (``tracemesh validate``/``apply``): static endpoints are optional (the
+    endpoint registry supplies them), a route's weights add up to 100 (only a lone destination may
+    leave its weight out), and an empty text is an error."""
+    return compose_config([(source, text)], strict=strict)[0]
+
+
+def compose_config(files, base: tuple[str, str] | None = None, *, strict: bool = True) -> tuple[MeshConfig, dict]:
+    """Merge the documents of *files* (``(source, text)`` pairs) over *base* (the same, or None)
+    object by object, validate the result as a whole, and return it with its plain data.
+
+    The merge: services, policies and canaries replace those of *base* by name, and the routes of
+    a service named by a route of *files* replace all of that service's routes in *base*. The plain
+    data is JSON-able and in the shape :func:`parse_config` takes (every service has
+    ``endpoints``), so ``parse_config(json.dumps(data))`` gives the same config. Errors name the
+    source and line of the object at fault, in *base* too."""
+    merged = _Fragment()
+    if base is not None:
+        for doc in _documents(*base):
+            merged.add(doc)
+    given = _Fragment()
+    found = 0
+    for source, text in files:
+        for doc in _documents(source, text):
+            given.add(doc)
+            found += 1
+    if strict and files and not found:  # an empty file is more likely a mistake than a wish to change nothing
+        raise ConfigError(f"{files[0][0]}: no YAML documents; nothing to validate or apply")
+    merged.overlay(given)
+    ctx = _Ctx(files[0][0] if files else base[0] if base else "<config>", strict)
+    return _build(ctx, merged), merged.plain()
+
+
+def _documents(source: str, text: str) -> list[_Node]:
+    """The non-empty documents of *text*, each a top-level mapping whose nodes know *source*."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters is more than the limit of {MAX_CONFIG_BYTES}")
     ctx = _Ctx(source)
     try:
-        root = yaml.load(text, Loader=_LineLoader)
+        roots = list(yaml.load_all(text, Loader=_LineLoader))
     except ConfigError as exc:
         raise ConfigError(f"{source}:{exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    if root is None or root.value is None:
-        return MeshConfig.empty()
-    top = ctx.mapping(root, "", {"services", "routes", "policies"})
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    docs = []
+    for root in roots:
+        if root is None or root.value is None:
+            continue
+        _stamp(root, source)
+        ctx.mapping(root, "", set(SECTIONS))
+        docs.append(root)
+    return docs
 
+
+def _stamp(root: _Node, source: str) -> None:
+    """Set every node's source, counting nodes as anchors expand them (bounded)."""
+    stack, count = [root], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{source}:{root.line}: more than {MAX_CONFIG_NODES} values once anchors are expanded")
+        if isinstance(node, _Node):
+            node.source = source
+            v = node.value
+            if isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+
+
+class _Fragment:
+    """The objects of some documents, by kind, each with the node and field it came from."""
+
+    def __init__(self) -> None:
+        self.services: dict = {}  # name -> body node
+        self.routes: list[tuple[object, _Node, str]] = []  # (service name as written, node, field)
+        self.named: dict[str, dict] = {"policies": {}, "canaries": {}}  # kind -> name -> (node, field)
+        self.unnamed: dict[str, list] = {"policies": [], "canaries": []}  # no usable name: the build says why
+
+    def add(self, root: _Node) -> None:
+        ctx = _Ctx(root.source or "<config>")
+        top = root.value
+        if "services" in top and top["services"].value is not None:
+            svc_node = top["services"]
+            ctx.mapping(svc_node, "services", set(svc_node.value) if isinstance(svc_node.value, dict) else set())
+            for name, body in svc_node.value.items():
+                if name in self.services:
+                    first = self.services[name]
+                    raise ctx.fail(body, f"services.{name}", f"service {name!r} is defined twice; "
+                                                            f"the first is at {first.source}:{first.line}")
+                self.services[name] = body
+        if "routes" in top and top["routes"].value is not None:
+            for i, r in enumerate(ctx.seq(top["routes"], "routes")):
+                svc = r.value.get("service") if isinstance(r.value, dict) else None
+                svc = svc.value if svc is not None and isinstance(svc.value, str) else None
+                self.routes.append((svc, r, f"routes[{i}]"))
+        for kind in ("policies", "canaries"):
+            if kind not in top or top[kind].value is None:
+                continue
+            named = self.named[kind]
+            for i, node in enumerate(ctx.seq(top[kind], kind)):
+                field = f"{kind}[{i}]"
+                name_node = node.value.get("name") if isinstance(node.value, dict) else None
+                name = name_node.value if name_node is not None else None
+                if not isinstance(name, str):
+                    self.unnamed[kind].append((node, field))
+                    continue
+                if name in named:
+                    first = named[name][0]
+                    raise ctx.fail(name_node, f"{field}.name", f"a second {kind[:-3] + 'y'} named {name!r} "
+                                                                f"(the first is at {first.source}:{first.line})")
+                named[name] = (node, field)
+
+    def overlay(self, other: "_Fragment") -> None:
+        """Object-level merge: *other*'s objects replace these by name (routes: per service)."""
+        self.services.update(other.services)
+        replaced = {svc for svc, _, _ in other.routes}
+        self.routes = [r for r in self.routes if r[0] not in replaced] + other.routes
+        for kind in ("policies", "canaries"):
+            self.named[kind].update(other.named[kind])
+            self.unnamed[kind] += other.unnamed[kind]
+
+    def items(self, kind: str) -> list[tuple[_Node, str]]:
+        return list(self.named[kind].values()) + self.unnamed[kind]
+
+    def plain(self) -> dict:
+        services = {}
+        for name, body in self.services.items():
+            data = _plain(body)
+            if isinstance(data, dict):
+                data.setdefault("endpoints", [])
+            services[name] = data
+        return {"services": services, "routes": [_plain(n) for _, n, _ in self.routes],
+                "policies": [_plain(n) for n, _ in self.items("policies")],
+                "canaries": [_plain(n) for n, _ in self.items("canaries")]}
+
+
+def _plain(node):
+    v = node.value if isinstance(node, _Node) else node
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if hasattr(v, "isoformat"):  # dates validate nowhere; kept JSON-able all the same
+        return v.isoformat()
+    return v
+
+
+def _build(ctx: _Ctx, frag: _Fragment) -> MeshConfig:
     services: dict[str, Service] = {}
-    if "services" in top and top["services"].value is not None:
-        svc_node = top["services"]
-        for name, body in ctx.mapping(svc_node, "services", set(svc_node.value) if isinstance(svc_node.value, dict) else set()).items():
-            field = f"services.{name}"
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise ctx.fail(body, field, f"{name!r} is not a valid service name (lowercase DNS label)")
-            m = ctx.mapping(body, field, {"endpoints", "mtls", "identity", "traffic_policy"}, {"endpoints"})
-            eps = []
-            seen = set()
-            for i, ep in enumerate(ctx.seq(m["endpoints"], f"{field}.endpoints")):
-                ef = f"{field}.endpoints[{i}]"
-                e = ctx.mapping(ep, ef, {"address", "version"}, {"address"})
-                addr_text = ctx.string(e["address"], f"{ef}.address")
-                try:
-                    addr = parse_addr(addr_text)
-                except ValueError as exc:
-                    raise ctx.fail(e["address"], f"{ef}.address", str(exc)) from None
-                if addr.port == 0:
-                    raise ctx.fail(e["address"], f"{ef}.address", "port 0 is not an address to connect to")
-                version = ctx.string(e["version"], f"{ef}.version", _VERSION, "version label") if "version" in e else "v1"
-                if addr in seen:
-                    raise ctx.fail(ep, ef, f"endpoint {addr_text} is listed twice")
-                seen.add(addr)
-                eps.append(Endpoint(addr, version))
-            mtls = DEFAULT_MTLS
-            if "mtls" in m:
-                mtls = ctx.string(m["mtls"], f"{field}.mtls").lower()
-                if mtls not in MTLS_MODES:
-                    raise ctx.fail(m["mtls"], f"{field}.mtls",
-                                   f"{m['mtls'].value!r} is not an mTLS mode; expected one of {', '.join(MTLS_MODES)}")
-            identity = None
-            if "identity" in m:
-                identity = _spiffe_id(ctx, m["identity"], f"{field}.identity")
-            tp = TrafficPolicy()
-            if "traffic_policy" in m and m["traffic_policy"].value is not None:
-                tp = _traffic_policy(ctx, m["traffic_policy"], f"{field}.traffic_policy")
-            services[name] = Service(name, tuple(eps), mtls, identity, tp)
+    for name, body in frag.services.items():
+        field = f"services.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ctx.fail(body, field, f"{name!r} is not a valid service name (lowercase DNS label)")
+        m = ctx.mapping(body, field, {"endpoints", "mtls", "identity", "traffic_policy", "ports", "versions"},
+                        set() if ctx.strict else {"endpoints"})
+        eps = []
+        seen = set()
+        for i, ep in enumerate(ctx.seq(m["endpoints"], f"{field}.endpoints") if "endpoints" in m else ()):
+            ef = f"{field}.endpoints[{i}]"
+            e = ctx.mapping(ep, ef, {"address", "version"}, {"address"})
+            addr_text = ctx.string(e["address"], f"{ef}.address")
+            try:
+                addr = parse_addr(addr_text)
+            except ValueError as exc:
+                raise ctx.fail(e["address"], f"{ef}.address", str(exc)) from None
+            if addr.port == 0:
+                raise ctx.fail(e["address"], f"{ef}.address", "port 0 is not an address to connect to")
+            version = ctx.string(e["version"], f"{ef}.version", _VERSION, "version label") if "version" in e else "v1"
+            if addr in seen:
+                raise ctx.fail(ep, ef, f"endpoint {addr_text} is listed twice")
+            seen.add(addr)
+            eps.append(Endpoint(addr, version))
+        mtls = DEFAULT_MTLS
+        if "mtls" in m:
+            mtls = ctx.string(m["mtls"], f"{field}.mtls").lower()
+            if mtls not in MTLS_MODES:
+                raise ctx.fail(m["mtls"], f"{field}.mtls",
+                               f"{m['mtls'].value!r} is not an mTLS mode; expected one of {', '.join(MTLS_MODES)}")
+        identity = None
+        if "identity" in m:
+            identity = _spiffe_id(ctx, m["identity"], f"{field}.identity")
+        tp = TrafficPolicy()
+        if "traffic_policy" in m and m["traffic_policy"].value is not None:
+            tp = _traffic_policy(ctx, m["traffic_policy"], f"{field}.traffic_policy")
+        ports = _ports(ctx, m["ports"], f"{field}.ports") if "ports" in m else ()
+        versions = _versions(ctx, m["versions"], f"{field}.versions") if "versions" in m else ()
+        services[name] = Service(name, tuple(eps), mtls, identity, tp, ports, versions)
 
     routes: dict[str, list[Route]] = {}
-    if "routes" in top and top["routes"].value is not None:
-        names_seen: set[tuple[str, str]] = set()
-        for i, r in enumerate(ctx.seq(top["routes"], "routes")):
-            route = _route(ctx, r, f"routes[{i}]", services, routes)
-            if (route.service, route.name) in names_seen:
-                raise ctx.fail(r.value.get("name", r), f"routes[{i}].name",
-                               f"a second route named {route.name!r} for {route.service!r}")
-            names_seen.add((route.service, route.name))
-            routes.setdefault(route.service, []).append(route)
+    names_seen: set[tuple[str, str]] = set()
+    for _, r, rf in frag.routes:
+        route = _route(ctx, r, rf, services, routes)
+        if (route.service, route.name) in names_seen:
+            raise ctx.fail(r.value.get("name", r), f"{rf}.name",
+                           f"a second route named {route.name!r} for {route.service!r}")
+        names_seen.add((route.service, route.name))
+        routes.setdefault(route.service, []).append(route)
 
     policies: list[Policy] = []
-    if "policies" in top and top["policies"].value is not None:
-        names: set[str] = set()
-        for i, node in enumerate(ctx.seq(top["policies"], "policies")):
-            policy = _policy(ctx, node, f"policies[{i}]", services)
-            if policy.name in names:
-                raise ctx.fail(node.value["name"], f"policies[{i}].name", f"a second policy named {policy.name!r}")
-            names.add(policy.name)
-            policies.append(policy)
-    return MeshConfig(services, {k: tuple(v) for k, v in routes.items()}, tuple(policies))
+    names: set[str] = set()
+    for node, pf in frag.items("policies"):
+        policy = _policy(ctx, node, pf, services)
+        if policy.name in names:
+            raise ctx.fail(node.value["name"], f"{pf}.name", f"a second policy named {policy.name!r}")
+        names.add(policy.name)
+        policies.append(policy)
+
+    canaries: list[Canary] = []
+    by_service: dict[str, tuple[Canary, _Node]] = {}
+    for node, cf in frag.items("canaries"):
+        canary = _canary(ctx, node, cf, services)
+        if canary.name in {c.name for c in canaries}:
+            raise ctx.fail(node.value["name"], f"{cf}.name", f"a second canary named {canary.name!r}")
+        if canary.service in by_service:
+            first, fnode = by_service[canary.service]
+            raise ctx.fail(node.value["service"], f"{cf}.service",
+                           f"a second canary for {canary.service!r} (the first, {first.name!r}, is at "
+                           f"{fnode.source or ctx.source}:{fnode.line}); two rollouts cannot share one service's weights")
+        by_service[canary.service] = (canary, node)
+        canaries.append(canary)
+    return MeshConfig(services, {k: tuple(v) for k, v in routes.items()}, tuple(policies), tuple(canaries))
+
+
+def _ports(ctx: _Ctx, node: _Node, field: str) -> tuple[Port, ...]:
+    out: list[Port] = []
+    for i, pn in enumerate(ctx.seq(node, field)):
+        pf = f"{field}[{i}]"
+        m = ctx.mapping(pn, pf, {"port", "protocol", "name"}, {"port", "protocol"})
+        number = _int(ctx, m["port"], f"{pf}.port", 1, 65535)
+        protocol = ctx.string(m["protocol"], f"{pf}.protocol").lower()
+        if protocol not in PROTOCOLS:
+            raise ctx.fail(m["protocol"], f"{pf}.protocol",
+                           f"{m['protocol'].value!r} is not a protocol; expected one of {', '.join(PROTOCOLS)}")
+        name = ctx.string(m["name"], f"{pf}.name", _NAME, "port name (lowercase DNS label)") if "name" in m else ""
+        if any(p.port == number for p in out):
+            raise ctx.fail(m["port"], f"{pf}.port", f"port {number} is listed twice")
+        if name and any(p.name == name for p in out):
+            raise ctx.fail(m["name"], f"{pf}.name", f"a second port named {name!r}")
+        out.append(Port(number, protocol, name))
+    return tuple(out)
+
+
+def _versions(ctx: _Ctx, node: _Node, field: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, vn in enumerate(ctx.seq(node, field)):
+        v = ctx.string(vn, f"{field}[{i}]", _VERSION, "version label")
+        if v in out:
+            raise ctx.fail(vn, f"{field}[{i}]", f"version {v!r} is listed twice")
+        out.append(v)
+    return tuple(out)
+
+
+def _known_version(ctx: _Ctx, node: _Node, field: str, svc: str, services: dict[str, Service]) -> str:
+    """A version label that names a subset of *svc*: one it declares or its endpoints have."""
+    version = ctx.string(node, field, _VERSION, "version label")
+    s = services[svc]
+    if version in s.known_versions():
+        return version
+    have = sorted({e.version for e in s.endpoints})
+    if s.versions:
+        raise ctx.fail(node, field, f"service {svc!r} has no version {version!r} (declares {', '.join(s.versions)}"
+                                    + (f"; endpoints have {', '.join(have)})" if have else ")"))
+    hint = f"; declare it under services.{svc}.versions" if not have else ""
+    raise ctx.fail(node, field, f"service {svc!r} has no endpoints of version {version!r} "
+                                f"(has {', '.join(have) or 'none'}{hint})")
+
+
+def _canary(ctx: _Ctx, node: _Node, field: str, services: dict[str, Service]) -> Canary:
+    m = ctx.mapping(node, field, {"name", "service", "baseline", "canary", "steps", "interval", "analysis_window",
+                                  "thresholds"}, {"name", "service", "baseline", "canary", "steps", "interval",
+                                                  "thresholds"})
+    name = ctx.string(m["name"], f"{field}.name", _VERSION, "canary name (letters, digits, '.', '_', '-')")
+    svc = ctx.string(m["service"], f"{field}.service", _NAME, "service name")
+    if svc not in services:
+        raise ctx.fail(m["service"], f"{field}.service", f"no service {svc!r} under services")
+    baseline = _known_version(ctx, m["baseline"], f"{field}.baseline", svc, services)
+    canary = _known_version(ctx, m["canary"], f"{field}.canary", svc, services)
+    if canary == baseline:
+        raise ctx.fail(m["canary"], f"{field}.canary", f"the canary and the baseline are both {canary!r}")
+    steps: list[int] = []
+    items = ctx.seq(m["steps"], f"{field}.steps")
+    if not items:
+        raise ctx.fail(m["steps"], f"{field}.steps", "expected a list of percentages ending at 100, got an empty list")
+    for i, sn in enumerate(items):
+        step = _int(ctx, sn, f"{field}.steps[{i}]", 1, 100)
+        if steps and step <= steps[-1]:
+            raise ctx.fail(sn, f"{field}.steps[{i}]", f"{step} after {steps[-1]}: the steps must increase")
+        steps.append(step)
+    if steps[-1] != 100:
+        raise ctx.fail(items[-1], f"{field}.steps[{len(items) - 1}]",
+                       f"the last step is {steps[-1]}; a rollout ends with the canary at 100")
+    interval = _duration(ctx, m["interval"], f"{field}.interval")
+    window = _duration(ctx, m["analysis_window"], f"{field}.analysis_window") if "analysis_window" in m else interval
+    tf = f"{field}.thresholds"
+    t = ctx.mapping(m["thresholds"], tf, {"max_error_percent", "max_p99_latency_ratio", "min_requests"})
+    if "max_error_percent" not in t and "max_p99_latency_ratio" not in t:
+        raise ctx.fail(m["thresholds"], tf, "expected max_error_percent, max_p99_latency_ratio or both")
+    max_err = _percent(ctx, t["max_error_percent"], f"{tf}.max_error_percent") if "max_error_percent" in t else None
+    ratio = None
+    if "max_p99_latency_ratio" in t:
+        rn = t["max_p99_latency_ratio"]
+        ratio = rn.value
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio <= 1000.0:
+            raise ctx.fail(rn, f"{tf}.max_p99_latency_ratio",
+                           f"expected a ratio of canary p99 to baseline p99 (1-1000, e.g. 1.5), got {_kind(ratio)}")
+        ratio = float(ratio)
+    min_requests = _int(ctx, t["min_requests"], f"{tf}.min_requests", 0) if "min_requests" in t \
+        else DEFAULT_CANARY_MIN_REQUESTS
+    return Canary(name, svc, baseline, canary, tuple(steps), interval, window, max_err, ratio, min_requests)
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
@@ -409,7 +720,7 @@ def _request_match(ctx: _Ctx, node: _Node, field: str) -> RequestMatch:
 
 
 def _route(ctx: _Ctx, node: _Node, rf: str, services: dict[str, Service], earlier: dict[str, list[Route]]) -> Route:
-    m = ctx.mapping(node, rf, {"service", "name", "match", "destinations", "timeout", "retries", "fault"},
+    m = ctx.mapping(node, rf, {"service", "name", "match", "destinations", "timeout", "retries", "fault", "mirror"},
                     {"service", "destinations"})
     svc = ctx.string(m["service"], f"{rf}.service", _NAME, "service name")
     if svc not in services:
@@ -428,15 +739,17 @@ def _route(ctx: _Ctx, node: _Node, rf: str, services: dict[str, Service], earlie
             raise ctx.fail(m["match"], f"{rf}.match", "an empty list; leave the key out to take every request")
         matches = [_request_match(ctx, mn, f"{rf}.match[{k}]") for k, mn in enumerate(items)]
     dests = []
-    versions = {e.version for e in services[svc].endpoints}
-    for j, d in enumerate(ctx.seq(m["destinations"], f"{rf}.destinations")):
+    weighed = False  # a weight was written
+    dest_nodes = ctx.seq(m["destinations"], f"{rf}.destinations")
+    for j, d in enumerate(dest_nodes):
         df = f"{rf}.destinations[{j}]"
         dm = ctx.mapping(d, df, {"version", "weight"}, {"version"})
-        version = ctx.string(dm["version"], f"{df}.version", _VERSION, "version label")
-        if version not in versions:
-            raise ctx.fail(dm["version"], f"{df}.version",
-                           f"service {svc!r} has no endpoints of version {version!r} (has {', '.join(sorted(versions)) or 'none'})")
+        version = _known_version(ctx, dm["version"], f"{df}.version", svc, services)
+        if ctx.strict and "weight" not in dm and len(dest_nodes) > 1:
+            raise ctx.fail(d, df, "missing required key 'weight' (with several destinations, each has a weight "
+                                  "and they add up to 100)")
         weight = dm["weight"].value if "weight" in dm else 1
+        weighed = weighed or "weight" in dm
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             raise ctx.fail(dm.get("weight"), f"{df}.weight", f"expected a non-negative integer, got {_kind(weight)}")
         dests.append(Destination(version, weight))
@@ -444,10 +757,26 @@ def _route(ctx: _Ctx, node: _Node, rf: str, services: dict[str, Service], earlie
         raise ctx.fail(m["destinations"], f"{rf}.destinations", "a route needs at least one destination")
     if sum(d.weight for d in dests) == 0:
         raise ctx.fail(m["destinations"], f"{rf}.destinations", "the weights add up to 0; nothing could be sent")
+    if ctx.strict and weighed and sum(d.weight for d in dests) != 100:
+        raise ctx.fail(m["destinations"], f"{rf}.destinations",
+                       f"the weights add up to {sum(d.weight for d in dests)}; they must add up to 100")
     timeout = _duration(ctx, m["timeout"], f"{rf}.timeout") if "timeout" in m else None
     retries = _retries(ctx, m["retries"], f"{rf}.retries") if "retries" in m else None
     fault = _fault(ctx, m["fault"], f"{rf}.fault") if "fault" in m else None
-    return Route(svc, tuple(dests), name, tuple(matches), timeout, retries, fault)
+    mirror = _mirror(ctx, m["mirror"], f"{rf}.mirror", services) if "mirror" in m else None
+    return Route(svc, tuple(dests), name, tuple(matches), timeout, retries, fault, mirror)
+
+
+def _mirror(ctx: _Ctx, node: _Node, field: str, services: dict[str, Service]) -> Mirror:
+    m = ctx.mapping(node, field, {"service", "version", "percent"}, {"service"})
+    svc = ctx.string(m["service"], f"{field}.service", _NAME, "service name")
+    if svc not in services:
+        raise ctx.fail(m["service"], f"{field}.service", f"no service {svc!r} under services")
+    version = None
+    if "version" in m:
+        version = _known_version(ctx, m["version"], f"{field}.version", svc, services)
+    percent = _percent(ctx, m["percent"], f"{field}.percent") if "percent" in m else 100.0
+    return Mirror(svc, version, percent)
 
 
 def _retries(ctx: _Ctx, node: _Node, field: str) -> RetryPolicy:

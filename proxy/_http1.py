@@ -1,4 +1,7 @@
 """The sidecar's HTTP/1.1 data path: one Trio task per downstream connection, h11 on both sides.
+A connection that speaks HTTP/2 (TLS ALPN ``h2``, or the client preface first) goes to
+:mod:`._http2` instead, which shares :meth:`Sidecar._admit`, :meth:`Sidecar._outbound` and
+:meth:`Sidecar._record` with this module.
 
 Inbound (a request to this workload): forward to the local app. Outbound (the app calling another
 service): the service comes from the absolute-form target (``GET http://catalog/x``, as clients
@@ -34,6 +37,17 @@ only contributes the version of the service its certificate proves; ``x-forwarde
 from a caller is always dropped, and set (Envoy's ``By=...;URI=...``) for an mTLS caller.
 Outbound, a destination whose mode is not DISABLE is reached over mTLS and verified by SPIFFE ID.
 
+Upgrade (WebSocket): a request with ``Connection: upgrade`` and an ``Upgrade`` token other than
+``h2c`` is forwarded with both; an upstream's 101 is relayed and the connection becomes a byte
+tunnel both ways (:func:`tracemesh.proxy._tcp.splice`) until both sides close; its span covers the
+whole tunnel, body sizes counting the tunnelled bytes. Any other answer is relayed as usual.
+
+Mirroring: a route's ``mirror`` sends a copy of its percentage of requests (bodiless, or with a
+Content-Length body of at most MAX_RETRY_BODY, read whole first) to an endpoint of the mirror
+service, host ``-shadow``-suffixed, from a task group of the sidecar's own (:meth:`Sidecar.run`):
+never waited for, at most MAX_MIRRORS in flight (more are dropped, counted), each with its own
+CLIENT span (``mesh.mirror``), a child of the request's.
+
 Cancellation: cancelling a connection task closes both connections of the exchange in flight and
 still records its span (flag DC).
 """
@@ -64,6 +78,7 @@ from tracemesh.proxy._recorder import (
 )
 from tracemesh.proxy._resilience import Outcome, RetryPolicy
 from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router, Selection, ServiceState
+from tracemesh.proxy._tcp import RawEnd, TcpProxy, is_tcp_alpn, splice
 from tracemesh.proxy._tracecontext import TraceParent, new_span_id, new_trace_id, parse_traceparent
 
 #: Request heads larger than this get 431 (Envoy's default max_request_headers_kb is 60).
@@ -82,6 +97,13 @@ MAX_RETRY_BODY = 64 * 1024
 #: Writes are gathered up to this size before a send (one syscall for a small exchange).
 COALESCE_BYTES = 64 * 1024
 
+#: An upgraded connection (WebSocket) with no byte either way this long is closed (Envoy: 1 h).
+UPGRADE_IDLE_TIMEOUT_S = 3600.0
+#: Mirrored requests in flight at most; past it a copy is dropped (counted), never queued.
+MAX_MIRRORS = 64
+#: A mirrored copy's whole exchange ends within this (or the route's timeout, if shorter).
+MIRROR_TIMEOUT_S = 10.0
+
 #: Headers of one hop only (RFC 9110 7.6.1), never forwarded; h11 writes the framing we need.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
@@ -93,6 +115,9 @@ HOP_BY_HOP = frozenset({
 PEER_HEADER = b"x-tracemesh-peer"
 #: Envoy's header for the caller's verified certificate identity; never taken from a caller.
 XFCC_HEADER = b"x-forwarded-client-cert"
+#: gRPC statuses that fail a SERVER span (OTel semconv): UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
+#: INTERNAL, UNAVAILABLE, DATA_LOSS; the others are the caller's doing.
+GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
 
 
 class ProxyError(Exception):
@@ -129,6 +154,19 @@ class _Span:
     resp_bytes: int = 0
 
 
+@dataclass
+class _Target:
+    """Where an exchange goes, as :meth:`Sidecar._admit` works it out (HTTP/1.1 and HTTP/2 alike)."""
+
+    name: str  # the span's name so far
+    headers: list  # to forward
+    path: str  # path and query to forward
+    upstream: Addr | None = None  # inbound: the app
+    sel: Selection | None = None  # outbound: the route and version
+    hash_key: str | None = None
+    security: Security = PLAINTEXT
+
+
 async def _body_event(dconn: h11.Connection, dstream, before_wait=None):
     """The downstream's next request-body event, its failures mapped to the client's fault.
 
@@ -153,6 +191,19 @@ async def _body_event(dconn: h11.Connection, dstream, before_wait=None):
         raise _DownstreamGone() from None
 
 
+def _start_span(start_ns: int, headers: list) -> tuple[_Span, bytes]:
+    """The exchange's span, a child of the caller's ``traceparent`` (if any), and its request id:
+    the caller's ``x-request-id``, or a new one added to *headers*."""
+    tp = parse_traceparent((_header(headers, b"traceparent") or b"").decode("ascii", "replace"))
+    span = _Span(start_ns, tp.trace_id if tp else new_trace_id(), new_span_id(), tp.span_id if tp else b"",
+                 tp.flags if tp else 0x01, tp.sampled if tp else True)
+    request_id = _header(headers, b"x-request-id")
+    if not request_id:
+        request_id = str(uuid.uuid4()).encode()
+        headers.append((b"x-request-id", request_id))
+    return span, request_id
+
+
 def _header(headers, name: bytes) -> bytes | None:
     for k, v in headers:
         if k == name:
@@ -160,13 +211,46 @@ def _header(headers, name: bytes) -> bytes | None:
     return None
 
 
-def _forwardable(headers) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers, and any header named in ``Connection``."""
+def _connection_tokens(headers) -> set[bytes]:
     named = set()
     for k, v in headers:
         if k == b"connection":
             named.update(t.strip().lower() for t in v.split(b","))
+    return named
+
+
+def _forwardable(headers) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, and any header named in ``Connection``."""
+    named = _connection_tokens(headers)
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+def _upgrade_token(headers) -> bytes | None:
+    """The ``Upgrade`` value of a request that asks for one (``Connection: upgrade``), to be passed
+    through; None otherwise, and for ``h2c`` (HTTP/2 is this sidecar's business, not the app's)."""
+    upgrade = _header(headers, b"upgrade")
+    if not upgrade or b"upgrade" not in _connection_tokens(headers):
+        return None
+    if any(t.strip().lower().startswith(b"h2c") for t in upgrade.split(b",")):
+        return None
+    return upgrade
+
+
+def _shadow_host(host: bytes) -> bytes:
+    """Envoy's host of a mirrored request: ``-shadow`` after the host name, before any port."""
+    name, sep, port = host.rpartition(b":")
+    if sep and port.isdigit() and (b":" not in name or name.endswith(b"]")):
+        return name + b"-shadow:" + port
+    return host + b"-shadow"
+
+
+@dataclass
+class MirrorStats:
+    sent: int = 0  # copies started
+    dropped: int = 0  # not started: MAX_MIRRORS in flight, or no mirror task group (not serving)
+    skipped: int = 0  # not mirrored: a body too large (or chunked) to be read whole
+    failed: int = 0  # no answer from the mirror (connect failure, timeout, reset)
+    active: int = 0
 
 
 def _reason(status: int) -> bytes:
@@ -199,6 +283,23 @@ class Sidecar:
         self._rng = random.Random()
         #: per destination service (state): slots for its connection_pool.max_connections
         self._slots: weakref.WeakKeyDictionary[ServiceState, trio.Semaphore] = weakref.WeakKeyDictionary()
+        #: opaque TCP: its own listeners (wired by _serve.py), and mTLS connections here that chose its ALPN
+        self.tcp = TcpProxy(service=service, version=version, router=router, recorder=recorder, tls=self.tls,
+                            authorizer=self._authorizer)
+        self.mirrors = MirrorStats()
+        self._mirror_nursery: trio.Nursery | None = None
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the task group of mirrored requests (fire-and-forget, so they outlive the request
+        that made them) until cancelled, which cancels the copies in flight. Without it running,
+        mirrored copies are dropped (counted)."""
+        async with trio.open_nursery() as nursery:
+            self._mirror_nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._mirror_nursery = None
 
     def _authorizer(self) -> Authorizer:
         config = self.router.config
@@ -217,15 +318,33 @@ class Sidecar:
             if accepted is None:
                 return  # refused (and closed): counted and logged by the acceptor
             stream, peer = accepted
-        await self._serve_connection(stream, direction, peer, port)
+            if is_tcp_alpn(stream):  # a sidecar's opaque TCP, not HTTP (see _tcp.py)
+                await self.tcp.serve_accepted(stream, peer, port=port)
+                return
+        from tracemesh.proxy import _http2  # not at the top: _http2 builds on this module
 
-    async def _serve_connection(self, stream, direction: str, peer: Peer, port: int) -> None:
+        if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
+            await _http2.serve(self, stream, direction, peer, port)
+            return
+        deadline = trio.current_time() + HEADER_TIMEOUT_S
+        initial, is_h2 = await _http2.sniff(stream, HEADER_TIMEOUT_S)  # h2c with prior knowledge?
+        if is_h2:
+            await _http2.serve(self, stream, direction, peer, port, initial)
+            return
+        await self._serve_connection(stream, direction, peer, port, initial, deadline - trio.current_time())
+
+    async def _serve_connection(self, stream, direction: str, peer: Peer, port: int, initial: bytes = b"",
+                                first_timeout: float = HEADER_TIMEOUT_S) -> None:
+        """HTTP/1.1 on *stream*, *initial* being what was read from it already; the first request
+        head must be complete within *first_timeout*."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        if initial:
+            conn.receive_data(initial)
         first = True
         try:
             while True:
                 try:
-                    event = await _next_event(conn, stream, HEADER_TIMEOUT_S if first else IDLE_TIMEOUT_S)
+                    event = await _next_event(conn, stream, max(0.0, first_timeout) if first else IDLE_TIMEOUT_S)
                 except trio.TooSlowError:
                     if conn.their_state is h11.SEND_BODY or (conn.their_state is h11.IDLE and not first):
                         return
@@ -284,13 +403,7 @@ class Sidecar:
         headers = list(req.headers)
         method = req.method.decode("ascii", "replace")
         target = req.target.decode("ascii", "replace")
-        tp = parse_traceparent((_header(headers, b"traceparent") or b"").decode("ascii", "replace"))
-        span = _Span(start_ns, tp.trace_id if tp else new_trace_id(), new_span_id(), tp.span_id if tp else b"",
-                     tp.flags if tp else 0x01, tp.sampled if tp else True)
-        request_id = _header(headers, b"x-request-id")
-        if not request_id:
-            request_id = str(uuid.uuid4()).encode()
-            headers.append((b"x-request-id", request_id))
+        span, request_id = _start_span(start_ns, headers)
         authority = (_header(headers, b"host") or b"").decode("ascii", "replace")
         path_and_query = target
         if target.startswith(("http://", "https://")):
@@ -298,90 +411,13 @@ class Sidecar:
             authority = parts.netloc or authority
             path_and_query = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             headers = [(k, v) for k, v in headers if k != b"host"]  # RFC 9112 3.2.2: the target's authority wins
-        path, _, query = path_and_query.partition("?")
-        a = span.attrs
-        a["http.request.method"] = method
-        a["url.path"] = path
-        if query:
-            a["url.query"] = query
-        a["url.scheme"] = "http"
-        a["network.protocol.version"] = req.http_version.decode("ascii", "replace")
-        a["mesh.direction"] = direction
-        a["guid:x-request-id"] = request_id.decode("latin-1")
-        ua = _header(headers, b"user-agent")
-        if ua:
-            a["user_agent.original"] = ua.decode("latin-1")
-        claimed = _header(headers, PEER_HEADER)
-        headers = [(k, v) for k, v in headers if k not in (PEER_HEADER, b"traceparent", XFCC_HEADER)]
-        upstream: Addr | None = None
-        sel: Selection | None = None
-        hash_key: str | None = None
-        security = PLAINTEXT
-        name = f"{method} {self.service}"
+        t = _Target(f"{method} {self.service}", headers, path_and_query)
         kind = KIND_SERVER if direction == "inbound" else KIND_CLIENT
-        a["mesh.connection_security_policy"] = peer.security
         try:
-            if direction == "inbound":
-                upstream = self.app
-                a["mesh.destination.service"], a["mesh.destination.version"] = self.service, self.version
-                claim_service, _, claim_version = (claimed or b"").decode("latin-1").partition(";")
-                if peer.principal is not None:
-                    a["mesh.source.principal"] = str(peer.principal)
-                    a["mesh.destination.principal"] = str(self.tls.identity)  # what the caller verified
-                    source = self.router.config.service_of(peer.principal) or peer.principal.service_account
-                    if source:
-                        a["mesh.source.service"] = source
-                        if claim_service == source and claim_version:
-                            a["mesh.source.version"] = claim_version
-                    headers.append((XFCC_HEADER, f"By={self.tls.identity};URI={peer.principal}".encode()))
-                elif claimed:
-                    a["mesh.source.service"], a["mesh.source.version"] = claim_service, claim_version
-                authz = self._authorizer()
-                if authz.enforces(self.service):
-                    areq = AuthzRequest(str(peer.principal) if peer.principal else None, method, path, port)
-                    decision = authz.check(self.service, areq)
-                    a["mesh.authz.decision"] = decision.decision
-                    if decision.policy:
-                        a["mesh.authz.policy"] = decision.policy
-                    if not decision.allowed:
-                        self.denied += 1
-                        raise ProxyError(403, RBAC_FLAG, DENIED_BODY)
-                    normalized = areq.normalized_path
-                    if normalized != path and path.startswith("/"):
-                        # as Envoy's normalize_path: the app gets the path the policy judged
-                        path_and_query = normalized + (f"?{query}" if query else "")
-            else:
-                a["mesh.source.service"], a["mesh.source.version"] = self.service, self.version
-                name = f"{method} unknown"
-                if method == "CONNECT":
-                    raise ProxyError(501, "NR", "CONNECT tunnels are not supported by the outbound listener")
-                if target.startswith("https://"):
-                    raise ProxyError(501, "NR", "https:// targets cannot be proxied in plain HTTP; let the sidecar do TLS")
-                if not authority:
-                    raise ProxyError(400, "NR", "no Host header and no absolute-form target: cannot tell which service")
-                def header(n: str, _h=headers) -> str | None:
-                    v = _header(_h, n.encode("latin-1"))
-                    return None if v is None else v.decode("latin-1")
-                try:
-                    sel = self.router.select(authority, method, path, header,
-                                             dict(reversed(parse_qsl(query, keep_blank_values=True))))
-                except NoRoute as exc:
-                    raise ProxyError(404, "NR", f"no route: {exc}") from None
-                name = f"{method} {sel.service}"
-                a["peer.service"] = a["mesh.destination.service"] = sel.service
-                if sel.route is not None:
-                    a["mesh.route"] = sel.route.name
-                if sel.version is not None:
-                    a["mesh.destination.version"] = sel.version
-                if sel.state.hash_header:
-                    hash_key = header(sel.state.hash_header)
-                security = self._security_to(sel.service)
-                headers.append((PEER_HEADER, self._peer_value))
-            if upstream is not None:
-                a["mesh.upstream.endpoint"] = str(upstream)
-            if authority:
-                a["server.address"] = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-            headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
+            self._admit(t, span, direction, peer, port, method, target, authority,
+                        req.http_version.decode("ascii", "replace"), request_id)
+            headers, path_and_query, upstream, sel = t.headers, t.path, t.upstream, t.sel
+            hash_key, security = t.hash_key, t.security
             if not any(k == b"host" for k, _ in headers):
                 headers.insert(0, (b"host", (authority or str(upstream)).encode()))
             if sel is None:
@@ -406,7 +442,92 @@ class Sidecar:
             span.flag, span.message = "DC", "sidecar shutting down"
             raise
         finally:
-            self._record(span, name, kind, t0)
+            self._record(span, t.name, kind, t0)
+
+    def _admit(self, t: _Target, span: _Span, direction: str, peer: Peer, port: int, method: str, target: str,
+               authority: str, version: str, request_id: bytes) -> None:
+        """What HTTP/1.1 and HTTP/2 exchanges share before forwarding: the request's span
+        attributes; inbound, the caller's identity (and XFCC) and the authorization policies'
+        verdict; outbound, the route. Fills *t* as it goes (so a refusal, a ProxyError, leaves the
+        span name reached so far) and adds ``traceparent`` (naming our span) to ``t.headers``."""
+        headers = t.headers
+        path, _, query = t.path.partition("?")
+        a = span.attrs
+        a["http.request.method"] = method
+        a["url.path"] = path
+        if query:
+            a["url.query"] = query
+        a["url.scheme"] = "http"
+        a["network.protocol.version"] = version
+        a["mesh.direction"] = direction
+        a["guid:x-request-id"] = request_id.decode("latin-1")
+        ua = _header(headers, b"user-agent")
+        if ua:
+            a["user_agent.original"] = ua.decode("latin-1")
+        claimed = _header(headers, PEER_HEADER)
+        headers = t.headers = [(k, v) for k, v in headers if k not in (PEER_HEADER, b"traceparent", XFCC_HEADER)]
+        a["mesh.connection_security_policy"] = peer.security
+        if direction == "inbound":
+            t.upstream = self.app
+            a["mesh.destination.service"], a["mesh.destination.version"] = self.service, self.version
+            claim_service, _, claim_version = (claimed or b"").decode("latin-1").partition(";")
+            if peer.principal is not None:
+                a["mesh.source.principal"] = str(peer.principal)
+                a["mesh.destination.principal"] = str(self.tls.identity)  # what the caller verified
+                source = self.router.config.service_of(peer.principal) or peer.principal.service_account
+                if source:
+                    a["mesh.source.service"] = source
+                    if claim_service == source and claim_version:
+                        a["mesh.source.version"] = claim_version
+                headers.append((XFCC_HEADER, f"By={self.tls.identity};URI={peer.principal}".encode()))
+            elif claimed:
+                a["mesh.source.service"], a["mesh.source.version"] = claim_service, claim_version
+            authz = self._authorizer()
+            if authz.enforces(self.service):
+                areq = AuthzRequest(str(peer.principal) if peer.principal else None, method, path, port)
+                decision = authz.check(self.service, areq)
+                a["mesh.authz.decision"] = decision.decision
+                if decision.policy:
+                    a["mesh.authz.policy"] = decision.policy
+                if not decision.allowed:
+                    self.denied += 1
+                    raise ProxyError(403, RBAC_FLAG, DENIED_BODY)
+                normalized = areq.normalized_path
+                if normalized != path and path.startswith("/"):
+                    # as Envoy's normalize_path: the app gets the path the policy judged
+                    t.path = normalized + (f"?{query}" if query else "")
+        else:
+            a["mesh.source.service"], a["mesh.source.version"] = self.service, self.version
+            t.name = f"{method} unknown"
+            if method == "CONNECT":
+                raise ProxyError(501, "NR", "CONNECT tunnels are not supported by the outbound listener")
+            if target.startswith("https://"):
+                raise ProxyError(501, "NR", "https:// targets cannot be proxied in plain HTTP; let the sidecar do TLS")
+            if not authority:
+                raise ProxyError(400, "NR", "no Host header and no absolute-form target: cannot tell which service")
+            def header(n: str, _h=headers) -> str | None:
+                v = _header(_h, n.encode("latin-1"))
+                return None if v is None else v.decode("latin-1")
+            try:
+                sel = t.sel = self.router.select(authority, method, path, header,
+                                                 dict(reversed(parse_qsl(query, keep_blank_values=True))))
+            except NoRoute as exc:
+                raise ProxyError(404, "NR", f"no route: {exc}") from None
+            t.name = f"{method} {sel.service}"
+            a["peer.service"] = a["mesh.destination.service"] = sel.service
+            if sel.route is not None:
+                a["mesh.route"] = sel.route.name
+            if sel.version is not None:
+                a["mesh.destination.version"] = sel.version
+            if sel.state.hash_header:
+                t.hash_key = header(sel.state.hash_header)
+            t.security = self._security_to(sel.service)
+            headers.append((PEER_HEADER, self._peer_value))
+        if t.upstream is not None:
+            a["mesh.upstream.endpoint"] = str(t.upstream)
+        if authority:
+            a["server.address"] = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+        headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
 
     def _security_to(self, service: str) -> Security:
         """mTLS to a destination whose mode is not DISABLE, when this sidecar has a certificate."""
@@ -441,6 +562,9 @@ class Sidecar:
             f not in ok_flags for f in span.flag.split(",") if f != "DI")
         if span.flag == "DC" and span.status is None:
             failed = kind == KIND_CLIENT
+        grpc = a.get("rpc.grpc.status_code")
+        if grpc is not None and not failed:  # OTel semconv for gRPC: any non-OK fails a client span
+            failed = grpc != 0 if kind == KIND_CLIENT else grpc in GRPC_SERVER_ERRORS
         status = STATUS_ERROR if failed else STATUS_UNSET
         message = span.message if failed else ""
         end_ns = span.start_ns + (time.perf_counter_ns() - t0)
@@ -448,8 +572,9 @@ class Sidecar:
                                         span.start_ns, end_ns, a, status, message))
 
     async def _outbound(self, dconn, dstream, req: h11.Request, headers, target: str, sel: Selection,
-                        hash_key: str | None, span: _Span, security: Security) -> None:
-        """Fault injection, then the destination's circuit breaker, then :meth:`_forward`."""
+                        hash_key: str | None, span: _Span, security: Security, forward=None) -> None:
+        """Fault injection, then the destination's circuit breaker, then :meth:`_forward` (or
+        *forward*, HTTP/2's)."""
         route = sel.route
         fault = route.fault if route is not None else None
         if fault is not None:
@@ -461,14 +586,15 @@ class Sidecar:
         state = sel.state
         state.budget.active_requests += 1
         try:
-            await self._guarded(dconn, dstream, req, headers, target, sel, hash_key, span, security)
+            await self._guarded(dconn, dstream, req, headers, target, sel, hash_key, span, security, forward)
         finally:
             state.budget.active_requests -= 1
 
     async def _guarded(self, dconn, dstream, req, headers, target: str, sel: Selection, hash_key: str | None,
-                       span: _Span, security: Security) -> None:
+                       span: _Span, security: Security, forward=None) -> None:
         """Through the circuit breaker of the destination service: max_requests, max_connections
-        (a request waits for a connection as a pending one), max_pending_requests; past one, 503 UO."""
+        (a request waits for a connection as a pending one), max_pending_requests; past one, 503 UO.
+        *forward*: what sends it then, :meth:`_forward` or HTTP/2's (same signature)."""
         route, state = sel.route, sel.state
         if not state.breaker.try_request():
             raise ProxyError(503, "UO", f"upstream overflow: {state.breaker.limits.max_requests} requests "
@@ -494,7 +620,8 @@ class Sidecar:
                 else:
                     slots.acquire_nowait()
             try:
-                await self._forward(dconn, dstream, req, headers, target, None, span, security, sel, hash_key)
+                await (forward or self._forward)(dconn, dstream, req, headers, target, None, span, security, sel,
+                                                 hash_key)
             finally:
                 if slots is not None:
                     slots.release()
@@ -522,9 +649,12 @@ class Sidecar:
         chunked = _is_chunked(headers)
         length = _header(headers, b"content-length")
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
+        upgrade = _upgrade_token(headers)
         headers = _forwardable(headers)
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
+        if upgrade is not None:  # passed through: the upstream's 101 turns the connection into a tunnel
+            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
         if dconn.client_is_waiting_for_100_continue:
             # as Envoy does by default: answer 100 ourselves rather than relaying the upstream's
             await dstream.send_all(dconn.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -535,8 +665,11 @@ class Sidecar:
         policy: RetryPolicy | None = route.retries if route is not None else None
         if policy is not None and policy.attempts <= 0:
             policy = None
+        mirror = route.mirror if route is not None and upgrade is None else None
+        if mirror is not None and not self._rng.random() * 100 < mirror.percent:
+            mirror = None
         body = None
-        if policy is not None and has_body:
+        if has_body and (policy is not None or mirror is not None):
             try:
                 size = int(length) if not chunked and length is not None else -1
             except ValueError:
@@ -545,6 +678,11 @@ class Sidecar:
                 body = await self._read_body(dconn, dstream, span)
             else:
                 policy = None  # a streamed body cannot be sent twice
+                if mirror is not None:
+                    self.mirrors.skipped += 1
+                    mirror = None
+        if mirror is not None:
+            self._start_mirror(mirror, out_req, body or b"", span, timeout)
         replayable = not has_body or body is not None
         state = sel.state if sel is not None else None
         tried: list = []
@@ -556,15 +694,12 @@ class Sidecar:
             ep = None
             if sel is not None:
                 try:
-                    ep = self.router.endpoint(sel, tried, hash_key)
-                except NoHealthyUpstream as exc:
+                    ep = self._endpoint(sel, tried, hash_key, span)
+                except ProxyError:
                     if in_retry:
                         state.budget.retry_done()
-                    raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
+                    raise
                 upstream = ep.address
-                span.attrs["mesh.upstream.endpoint"] = str(upstream)
-                span.attrs["mesh.destination.version"] = ep.version
-                state.started(ep)
             attempt_deadline = deadline
             if policy is not None and policy.per_try_timeout_s is not None:
                 attempt_deadline = min(deadline, trio.current_time() + policy.per_try_timeout_s)
@@ -608,12 +743,121 @@ class Sidecar:
                 raise
         if error is not None:
             raise error
+        if resp.status_code == 101:
+            try:
+                await self._splice_upgraded(uc, dconn, dstream, resp, span)
+            finally:
+                await uc.aclose()
+            return
         try:
             await self._relay_response(uc, dconn, dstream, resp, span)
         except BaseException:
             await uc.aclose()
             raise
         await self.pool.release(uc)
+
+    def _start_mirror(self, mirror, out_req: h11.Request, body: bytes, parent: _Span, route_timeout: float) -> None:
+        """Send a copy of *out_req* to the mirror, fire-and-forget: never waited for, never failing
+        the request; dropped (counted) past MAX_MIRRORS in flight."""
+        nursery = self._mirror_nursery
+        if nursery is None or self.mirrors.active >= MAX_MIRRORS:
+            self.mirrors.dropped += 1
+            return
+        self.mirrors.active += 1
+        self.mirrors.sent += 1
+        nursery.start_soon(self._mirror_one, mirror, out_req, body, parent, min(route_timeout, MIRROR_TIMEOUT_S))
+
+    async def _mirror_one(self, mirror, out_req: h11.Request, body: bytes, parent: _Span, timeout: float) -> None:
+        """One mirrored copy: its own CLIENT span (``mesh.mirror``), a child of the request's; the
+        answer read and discarded. Bounded by *timeout*; cancelled with the sidecar."""
+        t0 = time.perf_counter_ns()
+        span = _Span(time.time_ns(), parent.trace_id, new_span_id(), parent.span_id, parent.flags, parent.sampled)
+        method = out_req.method.decode("ascii", "replace")
+        target = out_req.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        a = span.attrs
+        a.update({"http.request.method": method, "url.path": path, "url.scheme": "http",
+                  "network.protocol.version": "1.1", "mesh.direction": "outbound", "mesh.mirror": True,
+                  "mesh.source.service": self.service, "mesh.source.version": self.version,
+                  "mesh.destination.service": mirror.service, "peer.service": mirror.service})
+        if query:
+            a["url.query"] = query
+        if mirror.version is not None:
+            a["mesh.destination.version"] = mirror.version
+        host = _shadow_host(_header(out_req.headers, b"host") or mirror.service.encode())
+        a["server.address"] = host.decode("latin-1")
+        headers = [(b"host", host)] + [(k, v) for k, v in out_req.headers if k not in (b"host", b"traceparent")]
+        headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
+        req = h11.Request(method=out_req.method, target=out_req.target, headers=headers)
+        name = f"{method} {mirror.service}"
+        uc = None
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    sel = self.router.subset(mirror.service, mirror.version)
+                    ep = self.router.endpoint(sel)
+                except (NoRoute, NoHealthyUpstream) as exc:  # a config reload took the service away
+                    raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
+                a["mesh.upstream.endpoint"] = str(ep.address)
+                a["mesh.destination.version"] = ep.version
+                security = self._security_to(mirror.service)
+                for attempt in (1, 2):  # a stale kept-alive connection is replaced once, as in _attempt
+                    try:
+                        uc = await self.pool.acquire(ep.address, security)
+                    except ConnectError as exc:
+                        raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
+                    u = uc.h11
+                    try:
+                        data = u.send(req) + (u.send(h11.Data(data=body)) if body else b"") + u.send(h11.EndOfMessage())
+                        span.req_bytes = len(body)
+                        await uc.stream.send_all(data)
+                        ev = await _next_event(u, uc.stream, timeout)
+                        while not isinstance(ev, h11.Response):
+                            if isinstance(ev, h11.ConnectionClosed):
+                                raise trio.BrokenResourceError("the connection closed")
+                            ev = await _next_event(u, uc.stream, timeout)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        stale, uc = uc, None
+                        await stale.aclose()
+                        if stale.reused and attempt == 1:
+                            continue
+                        raise ProxyError(503, "UC", f"upstream disconnect/reset before headers: {exc}") from None
+                    break
+                span.status = ev.status_code
+                while not isinstance(ev := await _next_event(u, uc.stream, timeout),
+                                     (h11.EndOfMessage, h11.ConnectionClosed)):
+                    if isinstance(ev, h11.Data):  # read to the end (so the connection can be reused), not kept
+                        span.resp_bytes += len(ev.data)
+                await self.pool.release(uc)
+                uc = None
+        except trio.TooSlowError:
+            span.flag, span.message = "UT", f"mirror request timeout after {timeout:g}s"
+        except ProxyError as exc:
+            span.flag, span.message = exc.flag, str(exc)
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            span.flag, span.message = ("UPE" if isinstance(exc, h11.ProtocolError) else "UC"), f"mirror: {exc}"
+        except trio.Cancelled:
+            span.flag, span.message = "DC", "sidecar shutting down"
+            raise
+        finally:
+            self.mirrors.active -= 1
+            if uc is not None:
+                await uc.aclose()
+            if span.flag != "-":
+                self.mirrors.failed += 1
+            self._record(span, name, KIND_CLIENT, t0)
+
+    def _endpoint(self, sel: Selection, tried: list, hash_key: str | None, span: _Span):
+        """The endpoint of the next attempt (not one of *tried*, if another is left), on the span
+        and counted in flight; ProxyError 503 UH when the service has none."""
+        try:
+            ep = self.router.endpoint(sel, tried, hash_key)
+        except NoHealthyUpstream as exc:
+            raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
+        span.attrs["mesh.upstream.endpoint"] = str(ep.address)
+        span.attrs["mesh.destination.version"] = ep.version
+        sel.state.started(ep)
+        return ep
 
     async def _attempt(self, upstream: Addr, security: Security, dconn, dstream, out_req, has_body: bool,
                        body: bytes | None, replayable: bool, span: _Span, deadline: float, route_timeout: float | None):
@@ -694,9 +938,40 @@ class Sidecar:
                 raise _UpstreamGone(str(exc) or "connection reset") from None
             if isinstance(ev, h11.Response):
                 return ev
+            if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
+                return ev  # h11 took it only because we asked for an upgrade
             if isinstance(ev, h11.ConnectionClosed):
                 raise _UpstreamGone("the connection closed")
             # InformationalResponse (100) from upstream: we already answered the downstream's Expect
+
+    async def _splice_upgraded(self, uc: UpstreamConn, dconn, dstream, resp: h11.InformationalResponse,
+                               span: _Span) -> None:
+        """Relay the upstream's 101, then copy raw bytes both ways (what either side sent past the
+        HTTP heads first) until both ends closed, or one broke, or UPGRADE_IDLE_TIMEOUT_S of silence.
+        The span covers the whole upgraded connection; its body sizes count the tunnelled bytes."""
+        span.status = 101
+        headers = _forwardable(resp.headers) + [(b"connection", b"upgrade")]
+        token = _header(resp.headers, b"upgrade")
+        if token:
+            headers.append((b"upgrade", token))
+        try:
+            await dstream.send_all(dconn.send(h11.InformationalResponse(status_code=101, headers=headers,
+                                                                         reason=resp.reason)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _DownstreamGone() from None
+        down_early, down_closed = dconn.trailing_data
+        up_early, up_closed = uc.h11.trailing_data
+
+        def count(to_upstream: int, to_downstream: int) -> None:
+            span.req_bytes += to_upstream
+            span.resp_bytes += to_downstream
+
+        res = await splice(RawEnd(dstream, down_early, down_closed), RawEnd(uc.stream, up_early, up_closed),
+                           UPGRADE_IDLE_TIMEOUT_S, count)
+        if res.idle:
+            span.flag, span.message = "UT", f"upgraded connection idle for {UPGRADE_IDLE_TIMEOUT_S:g}s"
+        elif res.broken == "b":
+            span.flag, span.message = "UC", "upstream closed the upgraded connection abruptly"
 
     async def _relay_response(self, uc: UpstreamConn, dconn, dstream, resp: h11.Response, span: _Span) -> None:
         # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0

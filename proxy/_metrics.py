@@ -149,6 +149,32 @@ class Series:
         return self._otlp
 
 
+#: Istio's TCP metrics (counters), for connections of ports declared TCP (:mod:`tracemesh.proxy._tcp`).
+TCP_OPENED = "istio_tcp_connections_opened_total"
+TCP_CLOSED = "istio_tcp_connections_closed_total"
+TCP_SENT = "istio_tcp_sent_bytes_total"
+TCP_RECEIVED = "istio_tcp_received_bytes_total"
+#: As Istio's TCP metrics: the request labels without a response code or gRPC status.
+TCP_LABELS = tuple(n for n in LABELS if n not in ("response_code", "grpc_response_status"))
+_TCP_HELP = {
+    TCP_OPENED: "TCP connections opened, counted once by each reporter.",
+    TCP_CLOSED: "TCP connections closed, counted once by each reporter.",
+    TCP_SENT: "Bytes sent in the response direction (server to client) of TCP connections.",
+    TCP_RECEIVED: "Bytes received in the request direction (client to server) of TCP connections.",
+}
+
+
+class TcpSeries(Series):
+    """The counts of one label set of the TCP metrics; the data path adds to them as bytes flow,
+    so a long-lived connection shows its traffic before it closes."""
+
+    __slots__ = ("opened", "closed", "sent", "received")
+
+    def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(labels)
+        self.opened = self.closed = self.sent = self.received = 0
+
+
 @dataclass
 class Row:
     """One series' counts, copied: what a snapshot holds."""
@@ -167,6 +193,7 @@ class Row:
 class Snapshot:
     rows: list[Row]
     stats: dict = field(default_factory=dict)  # name -> value or (value, help)
+    tcp: list = field(default_factory=list)  # (TcpSeries, opened, closed, sent, received)
 
 
 class MeshMetrics:
@@ -186,6 +213,8 @@ class MeshMetrics:
         self._overflow = Series(OVERFLOW_LABELS)
         #: observations counted into the overflow series because the label sets ran out
         self.overflowed = 0
+        self._tcp: dict[tuple, TcpSeries] = {}
+        self._tcp_overflow = TcpSeries(OVERFLOW_LABELS)
 
     def __len__(self) -> int:
         """Label sets held (the overflow series not included)."""
@@ -255,7 +284,35 @@ class MeshMetrics:
         }
         if self.stats is not None:
             stats.update(self.stats())
-        return Snapshot(rows, stats)
+        tcp = [(t, t.opened, t.closed, t.sent, t.received) for t in self.tcp_series_all()]
+        return Snapshot(rows, stats, tcp)
+
+    def tcp_series(self, attrs: Mapping, flags: str = "-") -> TcpSeries:
+        """The TCP series of a connection with these span attributes (as :meth:`observe` reads
+        them) and response flags; the caller adds to its counters. Bounded by *max_series*."""
+        g = attrs.get
+        key = (g("mesh.direction"), g("mesh.source.service"), g("mesh.source.version"),
+               g("mesh.source.principal"), g("mesh.destination.service"), g("mesh.destination.version"),
+               g("mesh.destination.principal"), g("mesh.connection_security_policy"), flags)
+        key = tuple(None if v is None else str(v) for v in key)
+        s = self._tcp.get(key)
+        if s is None:
+            if len(self._tcp) >= self.max_series:
+                self.overflowed += 1
+                return self._tcp_overflow
+            d, ss, sv, sp, ds, dv, dp, sec, fl = key
+            values = dict(zip(LABELS, istio_labels(
+                direction=d, src_svc=ss, src_ver=sv, src_principal=sp, dst_svc=ds, dst_ver=dv, dst_principal=dp,
+                security=sec, grpc_status=None, status=None, flags=fl)))
+            values["request_protocol"] = "tcp"
+            s = self._tcp[key] = TcpSeries(tuple((n, values[n]) for n in TCP_LABELS))
+        return s
+
+    def tcp_series_all(self) -> list[TcpSeries]:
+        out = list(self._tcp.values())
+        if self._tcp_overflow.opened:
+            out.append(self._tcp_overflow)
+        return out
 
     def render_prometheus(self, snap: Snapshot | None = None) -> bytes:
         return render_prometheus(snap if snap is not None else self.snapshot())
@@ -327,6 +384,10 @@ def render_prometheus(snap: Snapshot) -> bytes:
     _histogram_lines(out, REQUEST_DURATION, rows, "dur", _DUR_LE)
     _histogram_lines(out, REQUEST_BYTES, rows, "req", _BYTES_LE)
     _histogram_lines(out, RESPONSE_BYTES, rows, "resp", _BYTES_LE)
+    if snap.tcp:
+        for k, name in enumerate((TCP_OPENED, TCP_CLOSED, TCP_SENT, TCP_RECEIVED), start=1):
+            out.append(f"# HELP {name} {_escape_help(_TCP_HELP[name])}\n# TYPE {name} counter\n".encode())
+            out.append("".join(f"{name}{{{t[0].label_text()}}} {t[k]}\n" for t in snap.tcp).encode())
     tail = []
     for name, (value, help_text) in _stat_items(snap.stats):
         kind = "counter" if name.endswith("_total") else "gauge"
@@ -384,6 +445,15 @@ def encode_otlp(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int, s
                 p.sum = total_value
                 p.bucket_counts.extend(buckets)
                 p.explicit_bounds.extend(bounds)
+    if snap.tcp:
+        for k, (name, unit) in enumerate(((TCP_OPENED, "{connection}"), (TCP_CLOSED, "{connection}"),
+                                          (TCP_SENT, "By"), (TCP_RECEIVED, "By")), start=1):
+            m = metrics.add(name=name, description=_TCP_HELP[name], unit=unit)
+            m.sum.aggregation_temporality = CUMULATIVE
+            m.sum.is_monotonic = True
+            for t in snap.tcp:
+                p = m.sum.data_points.add(start_time_unix_nano=start_ns, time_unix_nano=now_ns, as_int=t[k])
+                p.MergeFromString(t[0].otlp_attributes()[1])
     for name, (value, help_text) in _stat_items(snap.stats):
         m = metrics.add(name=name, description=help_text)
         if name.endswith("_total"):

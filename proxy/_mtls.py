@@ -22,9 +22,11 @@ SPIFFE ID is in our trust domain. The whole of it, peek included, must finish wi
 :data:`HANDSHAKE_TIMEOUT_S`. Failures are counted in :class:`TlsStats` and logged, at most one
 line per :data:`LOG_EVERY_S` per kind, so a scan cannot flood the log; they never reach the app.
 
-**ALPN.** The workload contexts offer ``h2`` and ``http/1.1``; the data path speaks HTTP/1.1
-only for now, so the server side selects ``http/1.1`` alone (a client offering only ``h2`` gets
-no ALPN and HTTP/1.1), and an upstream that selects anything but ``http/1.1`` is refused.
+**ALPN.** The server side selects ``h2`` (the connection is served by :mod:`._http2`) or
+``http/1.1``, in that order of preference. As a client, the data path offers exactly the protocol
+of the exchange it is forwarding (``h2`` for HTTP/2 and gRPC, ``http/1.1`` for HTTP/1.1: a
+context per list, :meth:`RotatingCredentials.client_context_alpn`), and refuses an upstream that
+selects another; ``http/1.1`` also takes a server that selects none.
 
 **Outbound** (:meth:`MeshTls.connect`). TLS with the workload's client context, the peer verified
 by chain (the bundle) and then by SPIFFE ID: in our trust domain, and exactly the destination
@@ -81,8 +83,12 @@ LOG_EVERY_S = 1.0
 CA_CALL_TIMEOUT_S = 10.0
 #: A Sign answer is a few KiB (a chain and a bundle); bound what we buffer.
 MAX_CA_ANSWER_BYTES = 1024 * 1024
-#: The only application protocol the data path speaks over TLS today.
+#: The application protocols of the data path over TLS: HTTP/1.1 and HTTP/2.
 DATA_ALPN = "http/1.1"
+H2_ALPN = "h2"
+#: Opaque TCP between sidecars (:mod:`tracemesh.proxy._tcp`): offered alone by the outbound TCP
+#: proxy, so the inbound sidecar knows the stream is not HTTP; selected after the HTTP protocols.
+TCP_ALPN = "tracemesh-tcp"
 
 _GRPC_CODES = {c.value[0]: c.name for c in grpc.StatusCode}
 
@@ -321,7 +327,9 @@ def _reason(exc: BaseException) -> str:
 
 class MeshTls:
     """The workload's credential and mTLS mode, as the data path uses them. ``creds`` is None
-    only in DISABLE mode without an identity (then every connection is plaintext)."""
+    only in DISABLE mode without an identity (then every connection is plaintext). With
+    ``--workers N`` it is a worker's :class:`tracemesh.proxy._workers.WorkerCredentials`, a
+    ``RotatingCredentials`` fed by the supervisor instead of the CA."""
 
     def __init__(self, creds: RotatingCredentials | None, mode: str) -> None:
         if mode not in (MTLS_STRICT, MTLS_PERMISSIVE, MTLS_DISABLE):
@@ -350,8 +358,9 @@ class MeshTls:
         ctx = self.creds.server_context
         if ctx is not self._server_ctx:
             # A fresh context from a renewal, not yet used by any handshake (only this thread
-            # wraps server connections): select HTTP/1.1 only, as the data path speaks it.
-            ctx.set_alpn_protocols([DATA_ALPN])
+            # wraps server connections): select h2, else HTTP/1.1 (or the opaque-TCP token, which
+            # only the TCP proxy offers).
+            ctx.set_alpn_protocols([H2_ALPN, DATA_ALPN, TCP_ALPN])
             self._server_ctx = ctx
         return ctx
 
@@ -411,19 +420,20 @@ class MeshTls:
         return None
 
     async def connect(self, tcp: trio.SocketStream, expected: SpiffeId | None,
-                      timeout: float) -> tuple[trio.SSLStream, SpiffeId]:
-        """Run the client handshake on ``tcp`` and verify the upstream; UpstreamTlsError (the
-        connection closed) if it fails."""
-        tls = trio.SSLStream(tcp, self.creds.client_context, server_hostname=None, https_compatible=True)
+                      timeout: float, alpn: str = DATA_ALPN) -> tuple[trio.SSLStream, SpiffeId]:
+        """Run the client handshake on ``tcp``, offering only *alpn*, and verify the upstream;
+        UpstreamTlsError (the connection closed) if it fails."""
+        tls = trio.SSLStream(tcp, self.creds.client_context_alpn((alpn,)), server_hostname=None,
+                             https_compatible=True)
         try:
             with trio.fail_after(timeout):
                 await tls.do_handshake()
             peer = authenticate_peer(tls, self.trust_domain)
             if expected is not None and peer != expected:
                 raise PeerIdentityError(f"the upstream is {peer}, not {expected} as the mesh config says")
-            alpn = tls.selected_alpn_protocol()
-            if alpn not in (None, DATA_ALPN):
-                raise PeerIdentityError(f"the upstream chose ALPN {alpn!r}; this sidecar speaks {DATA_ALPN}")
+            chosen = tls.selected_alpn_protocol()
+            if chosen != alpn and not (chosen is None and alpn == DATA_ALPN):
+                raise PeerIdentityError(f"the upstream chose ALPN {chosen!r}, not {alpn!r}")
         except BaseException as exc:
             await trio.aclose_forcefully(tls)
             self.stats.upstream_failures += 1

@@ -77,6 +77,15 @@ class Pool:
                 c.reused = True
                 return c
             await c.aclose()
+        stream, peer = await self.connect(addr, security)
+        self.opened += 1
+        return UpstreamConn(addr, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES),
+                            security=security, peer=peer)
+
+    async def connect(self, addr: Addr, security: Security = PLAINTEXT,
+                      alpn: str = "http/1.1") -> tuple[trio.abc.Stream, SpiffeId | None]:
+        """A new connection to *addr*: TCP, then for mTLS the handshake (offering *alpn*) and the
+        peer check, all within :data:`CONNECT_TIMEOUT_S`; (stream, peer identity). ConnectError."""
         deadline = trio.current_time() + CONNECT_TIMEOUT_S
         try:
             with trio.fail_at(deadline):
@@ -91,12 +100,10 @@ class Pool:
 
             try:
                 stream, peer = await self.tls.connect(stream, security.expected,
-                                                      max(0.0, deadline - trio.current_time()))
+                                                      max(0.0, deadline - trio.current_time()), alpn)
             except UpstreamTlsError as exc:
                 raise ConnectError(f"mTLS to {addr} failed: {exc}") from None
-        self.opened += 1
-        return UpstreamConn(addr, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES),
-                            security=security, peer=peer)
+        return stream, peer
 
     async def release(self, c: UpstreamConn) -> None:
         """Keep *c* for reuse when its exchange ended cleanly; close it otherwise."""

@@ -115,6 +115,14 @@ class Router:
                 self._rng.choices([d.version for d in dests], weights=[d.weight for d in dests])[0]
         return Selection(service, route, version, state)
 
+    def subset(self, service: str, version: str | None = None) -> Selection:
+        """The endpoints of *service* (of *version* only, when given) without its routes: where a
+        mirrored copy or an opaque TCP connection goes. NoRoute for an unknown service."""
+        state = self._states.get(service)
+        if state is None:
+            raise NoRoute(f"no service {service!r} in the mesh config")
+        return Selection(service, None, version, state)
+
     def endpoint(self, sel: Selection, exclude: Collection[Endpoint] = (), key: str | None = None) -> Endpoint:
         """An endpoint of the selected version: not ejected (unless all are), not in *exclude*
         (the endpoints already tried, unless no other is left), by the service's balancer."""

@@ -437,6 +437,7 @@ class RotatingCredentials:
         self._max_retry_s = max_retry_s
         self._clock = clock
         self._current: _Snapshot | None = None
+        self._alpn_contexts: tuple[_Snapshot, dict] | None = None  # see client_context_alpn
         self._renew_lock = threading.Lock()
         self.generation = 0  # count of certificates installed
         self.failures = 0  # count of failed renewals
@@ -462,6 +463,20 @@ class RotatingCredentials:
     def client_context(self) -> ssl.SSLContext:
         return self._snap().client
 
+    def client_context_alpn(self, protocols: tuple[str, ...]) -> ssl.SSLContext:
+        """A client context of the current certificate that offers only *protocols* by ALPN (a
+        protocol other than HTTP, say); a fresh context, built once per certificate and list,
+        since the ALPN a client offers belongs to its context and the shared one is never changed."""
+        snap = self._snap()
+        cached = self._alpn_contexts
+        if cached is None or cached[0] is not snap:
+            cached = self._alpn_contexts = (snap, {})
+        ctx = cached[1].get(protocols)
+        if ctx is None:
+            ctx = cached[1][protocols] = client_context(snap.chain_pem, snap.key_pem, snap.bundle_pem)
+            ctx.set_alpn_protocols(list(protocols))
+        return ctx
+
     @property
     def chain_pem(self) -> bytes:
         return self._snap().chain_pem
@@ -479,6 +494,13 @@ class RotatingCredentials:
     def renew_at(self) -> float:
         """When the next renewal is due, epoch seconds."""
         return self._snap().renew_at
+
+    def export_pem(self) -> tuple[bytes, bytes, bytes]:
+        """``(key, chain, bundle)`` PEM of the current credential, from one snapshot. Only for
+        handing to this workload's own worker processes over a private channel (``sidecar
+        --workers``): the key must never leave them."""
+        snap = self._snap()
+        return snap.key_pem, snap.chain_pem, snap.bundle_pem
 
     # -- changing it --
 
@@ -503,6 +525,26 @@ class RotatingCredentials:
             if cert_not_after(leaf).timestamp() <= received:
                 raise CredentialError(f"the CA issued a certificate that expired at {cert_not_after(leaf)}")
             self._install(key_pem, issued.chain_pem, issued.bundle_pem, leaf, received=received)
+
+    def install(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> None:
+        """Install a key and certificate obtained elsewhere: the supervisor of ``sidecar --workers``
+        hands its credential to its workers this way. Checked as :meth:`renew` checks the CA's
+        answer (identity, key, expiry); :class:`CredentialError` leaves the current one in place."""
+        with self._renew_lock:
+            try:
+                key = serialization.load_pem_private_key(key_pem, password=None)
+                leaf = load_pem_certs(chain_pem)[0]
+            except (ValueError, TypeError, IndexError) as exc:
+                raise CredentialError(f"unusable key or certificate chain: {exc}") from exc
+            got = spiffe_id_of(leaf)
+            if got != self.spiffe_id:
+                raise CredentialError(f"the certificate is for {got}, not {self.spiffe_id}")
+            if leaf.public_key() != key.public_key():
+                raise CredentialError("the certificate is for another key")
+            received = self._clock()
+            if cert_not_after(leaf).timestamp() <= received:
+                raise CredentialError(f"the certificate expired at {cert_not_after(leaf)}")
+            self._install(key_pem, chain_pem, bundle_pem, leaf, received=received)
 
     def update_bundle(self, bundle_pem: bytes) -> None:
         """Install a new trust bundle (say, pushed by the control plane during a root rotation)

@@ -139,10 +139,11 @@ def http_get(addr: Addr, path: str = "/", headers: dict | None = None, method: s
 
 def curl_mtls(curl: str, addr: Addr, path: str, cred: Cred | None, bundle: Path,
               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """curl over mTLS. ``-k``: curl cannot check a SPIFFE URI as a host name, and -k turns off
-    its whole server check, so :func:`s_client` is what proves the server's chain and identity;
-    the sidecar checks *our* certificate either way."""
-    cmd = [curl, "-sS", "-v", "-k", "--cacert", str(bundle), "--max-time", "10",
+    """curl over mTLS, in HTTP/1.1 (the sidecar would select h2 for curl's default offer, and then
+    speak HTTP/2 to the app too). ``-k``: curl cannot check a SPIFFE URI as a host name, and -k
+    turns off its whole server check, so :func:`s_client` is what proves the server's chain and
+    identity; the sidecar checks *our* certificate either way."""
+    cmd = [curl, "-sS", "-v", "-k", "--http1.1", "--cacert", str(bundle), "--max-time", "10",
            "-w", "\\n%{http_code}", f"https://{addr}{path}", *extra]
     if cred is not None:
         cmd += ["--cert", str(cred.chain_file), "--key", str(cred.key_file)]

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -412,6 +413,39 @@ class SidecarProc:
             self.proc.kill()
             self.proc.wait()
 
+    def children(self) -> list[int]:
+        """Pids of the sidecar's live child processes (its workers, with ``--workers``)."""
+        return live_children(self.proc.pid)
+
+
+def live_children(ppid: int) -> list[int]:
+    """Pids of the live (not zombie) children of *ppid*, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        if fields[0] != "Z" and int(fields[1]) == ppid:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def http_get_text(addr: Addr, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET http://addr/path on a fresh connection (an admin endpoint): (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(addr.host, addr.port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
 
 def start_all(sidecars: list[SidecarProc]) -> list[SidecarProc]:
     """Start several sidecars at once (their imports and first certificates overlap)."""
@@ -456,10 +490,33 @@ def raw_exchange(addr: Addr, data: bytes, timeout: float = 5.0) -> bytes:
     """Send *data* on a fresh connection and read until the peer closes (or *timeout*)."""
     with socket.create_connection(addr, timeout=timeout) as s:
         s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-        return out
+        return read_until_closed(s)
+
+
+def read_until_closed(s: socket.socket, timeout: float | None = None) -> bytes:
+    """All that *s* delivers until the peer closes or resets it, or a read waits *timeout* (the
+    socket's own timeout if None)."""
+    if timeout is not None:
+        s.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return out
+
+
+@contextmanager
+def serving(sidecars: list[SidecarProc], *others):
+    """For a fixture: yield while *sidecars* serve; then they must still be alive (nothing the tests
+    threw at them killed them); finally close them and *others* (apps: anything with ``close()``)."""
+    try:
+        yield
+        for sc in sidecars:
+            assert sc.proc.poll() is None, f"{sc.service} sidecar died:\n{sc.stderr()}"
+    finally:
+        for sc in sidecars:
+            sc.close()
+        for other in others:
+            other.close()

@@ -110,6 +110,19 @@ def test_alternatives_within_from_and_to_are_ored():
     assert not authz.check("s", Request(FRONTEND, "POST", "/r", 1)).allowed
 
 
+def test_opaque_tcp_is_judged_as_istio_judges_tcp():
+    """No method or path: a rule that names one never allows (ALLOW) and denies on its other fields (DENY)."""
+    allow_http = Policy("http", "s", "ALLOW", (Rule((Source(principals=(FRONTEND,)),), (Operation(methods=("GET",)),)),))
+    allow_port = Policy("port", "s", "ALLOW", (Rule(operations=(Operation(ports=(5432,)),)),))
+    deny_http = Policy("deny", "s", "DENY", (Rule((Source(principals=(STRANGER,)),), (Operation(paths=("/x",)),)),))
+    authz = Authorizer([allow_http, allow_port, deny_http])
+    tcp = Request(FRONTEND, None, None, 5432)
+    assert authz.check("s", tcp) == Decision(True, "allow", "port")
+    assert authz.check("s", Request(FRONTEND, None, None, 5433)) == Decision(False, "deny", "none")
+    assert authz.check("s", Request(STRANGER, None, None, 5432)) == Decision(False, "deny", "deny")
+    assert authz.check("s", Request(STRANGER, "GET", "/y", 5432)).allowed  # HTTP: the path decides
+
+
 @pytest.mark.parametrize("pattern,value,hit", [
     ("*", "x", True), ("*", "", True), ("*", None, False), ("/a/*", "/a/b", True), ("/a/*", "/a", False),
     ("*.json", "/x.json", True), ("*.json", "/x.jsonp", False), ("GET", "GET", True), ("GET", "get", False),

@@ -156,6 +156,12 @@ ERRORS = [
     ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {connection_pool: {max_requests: 0}}\n", 4, "services.catalog.traffic_policy.connection_pool.max_requests", "expected an integer"),
     ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {outlier_detection: {interval: 1s}}\n", 4, "services.catalog.traffic_policy.outlier_detection.interval", "unknown key"),
     ("services:\n  catalog:\n    endpoints: []\n    traffic_policy: {load_balancer: {consistent_hash: {cookie: a}}}\n", 4, "services.catalog.traffic_policy.load_balancer.consistent_hash.cookie", "unknown key"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    mirror: shadow\n", 8, "routes[0].mirror", "expected a mapping"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    mirror: {percent: 10}\n", 8, "routes[0].mirror", "missing required key 'service'"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    mirror: {service: shadow}\n", 8, "routes[0].mirror.service", "no service 'shadow'"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    mirror: {service: catalog, version: v2}\n", 8, "routes[0].mirror.version", "no endpoints of version 'v2' (has v1)"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    mirror: {service: catalog, percent: 101}\n", 8, "routes[0].mirror.percent", "percentage"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    mirror:\n      service: catalog\n      weight: 5\n", 10, "routes[0].mirror.weight", "unknown key"),
 ]
 
 
@@ -346,3 +352,16 @@ def test_route_names_are_unique_per_service():
     text = ROUTING.replace("    destinations: [{version: v1}]\n", "    name: testers\n    destinations: [{version: v1}]\n")
     with pytest.raises(ConfigError, match=r"mesh.yaml:\d+: routes\[1\].name: a second route named 'testers'"):
         parse_config(text, SRC)
+
+
+def test_route_mirror_parses_with_istio_defaults():
+    from tracemesh.proxy._config import Mirror
+
+    text = BASE + ("  shadow:\n    endpoints:\n      - {address: '127.0.0.1:9009', version: v2}\n"
+                   "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n"
+                   "    mirror: {service: shadow, version: v2, percent: 12.5}\n"
+                   "  - service: shadow\n    destinations: [{version: v2}]\n    mirror: {service: catalog}\n")
+    cfg = parse_config(text, SRC)
+    assert cfg.routes["catalog"][0].mirror == Mirror("shadow", "v2", 12.5)
+    assert cfg.routes["shadow"][0].mirror == Mirror("catalog", None, 100.0)  # no percent: all, as Istio
+    assert parse_config(EXAMPLE, SRC).routes["catalog"][0].mirror is None

@@ -115,7 +115,7 @@ def test_strict_serves_a_mesh_client_and_openssl_verifies_the_server(tls_mesh, o
                   extra=("-H", "x-request-id: mtls-curl", "-H", "x-tracemesh-peer: frontend;v9"))
     body, _, code = r.stdout.rpartition("\n")
     assert code == "200", r.stderr
-    assert "ALPN: server accepted http/1.1" in r.stderr  # curl offers h2 too; the sidecar picks HTTP/1.1
+    assert "ALPN: server accepted http/1.1" in r.stderr  # curl_mtls offers HTTP/1.1 only
     seen = echo(body.encode())
     assert seen["headers"]["x-forwarded-client-cert"] == f"By={sid('catalog')};URI={sid('curl-client')}"
     assert "x-tracemesh-peer" not in seen["headers"]
@@ -131,15 +131,14 @@ def test_strict_serves_a_mesh_client_and_openssl_verifies_the_server(tls_mesh, o
     # openssl verifies the sidecar's chain against the bundle and reads its SPIFFE ID
     out = s_client(openssl, catalog.inbound, bundle=env.bundle_file, cred=client,
                    send=b"GET /x HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n",
-                   extra=("-alpn", "h2,http/1.1"))
+                   extra=("-alpn", "http/1.1"))
     assert b"Verify return code: 0 (ok)" in out.stdout, out.stdout[-2000:]
     assert b"ALPN protocol: http/1.1" in out.stdout
     assert b"HTTP/1.1 200 OK" in out.stdout
     assert presented_identity(out.stdout) == sid("catalog")
-    # a client offering only h2 gets no ALPN, and HTTP/1.1
-    out = s_client(openssl, catalog.inbound, bundle=env.bundle_file, cred=client, extra=("-alpn", "h2"),
-                   send=b"GET /x HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n")
-    assert b"No ALPN negotiated" in out.stdout and b"HTTP/1.1 200 OK" in out.stdout
+    # a client offering h2 (first or only) gets it: the sidecar serves HTTP/2 (test_proxy_http2.py)
+    out = s_client(openssl, catalog.inbound, bundle=env.bundle_file, cred=client, extra=("-alpn", "h2,http/1.1"))
+    assert b"ALPN protocol: h2" in out.stdout
 
 
 @pytest.mark.parametrize("kind,reason", [
