@@ -1,4 +1,5 @@
-"""The collector's HTTP query API: ``/ready``, ``/api/sql``, ``/api/stats``.
+"""The collector's HTTP query API: ``/ready``, ``/api/sql``, ``/api/stats``, and the mesh config
+(``/api/config...``, see :mod:`tracemesh.collector._config_api`).
 
 ``POST /api/sql?format=JSON`` with the SQL as the body (or ``GET /api/sql?query=...``) runs one
 read-only statement; errors answer ``{"error": "..."}`` with 400 (the query's fault) or 503 (not
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import trio
 
+from tracemesh.collector._config_api import ConfigAPI
 from tracemesh.httpserve import Request, Response
 from tracemesh.query import QueryError
 
@@ -24,9 +26,12 @@ _CONTENT_TYPES = {
 
 
 class QueryAPI:
-    def __init__(self, store, stats_fn, metrics_fn=None) -> None:
+    def __init__(self, store, stats_fn, metrics_fn=None, config_store=None) -> None:
         self.store = store
+        # /api/config...: the mesh config history (a ConfigStore); set it when open
+        self.config = ConfigAPI(config_store)
         self.ready = False
+        self.proxies = None  # () -> dict: GET /api/proxies, the sidecars of the config distribution
         self._stats_fn = stats_fn
         self._metrics_fn = metrics_fn
         self._limit = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
@@ -42,6 +47,13 @@ class QueryAPI:
             return Response(200, self._metrics_fn(), "text/plain; version=0.0.4; charset=utf-8")
         if req.path == "/api/sql":
             return await self._sql(req)
+        if req.path == "/api/proxies":
+            if self.proxies is None:
+                return Response.error(503, "config distribution is off or not started")
+            summary = req.query.get("summary", "").lower() in ("1", "true", "yes")
+            return await trio.to_thread.run_sync(lambda: Response.json(self.proxies(summary=summary)))
+        if req.path == "/api/config" or req.path.startswith("/api/config/"):
+            return await self.config(req)
         return Response.error(404, f"no such endpoint {req.path!r}; try POST /api/sql, GET /ready, GET /api/stats, GET /metrics")
 
     async def _sql(self, req: Request) -> Response:

@@ -281,6 +281,14 @@ class ServingCert:
             return None
 
 
+def open_ca(ca_dir: str) -> tuple[CaService, ServingCert]:
+    """Open the CA at ``ca_dir`` with its serving certificate, for a caller that serves the
+    renewal method itself (the control plane's server does, beside the discovery stream); it
+    sets ``renew_port`` once listening. Raises :class:`~tracemesh.collector._ca.CaError`."""
+    ca = MeshCA.open(ca_dir)
+    return CaService(ca), ServingCert(ca)
+
+
 def start_ca(ca_dir: str, mtls_addr: str) -> tuple[CaService, grpc.Server, int]:
     """Open the CA at ``ca_dir`` and start its mTLS renewal port on ``mtls_addr``; the service's
     bootstrap handler is for the caller to add to the OTLP/gRPC server. Raises

@@ -6,6 +6,11 @@ migrated, the write-ahead log is opened and whatever it holds from before is que
 then the OTLP receivers start and ``/ready`` turns 200. Stop order on SIGTERM or SIGINT: receivers
 stop taking exports (in-flight ones finish), the pipeline stores what it can within
 :data:`DRAIN_S` (the log keeps the rest for the next start), the store closes.
+
+With config distribution on (the default; ``--control off`` turns it off), the control plane's
+``grpc.aio`` server (:mod:`tracemesh.collector._discovery`) starts after the config history and the
+CA and before the OTLP receivers: plaintext on ``--control``, and with ``--ca`` over mTLS on the CA's
+port, where it also serves the CA's renewals. Every new config version is published to it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import trio
 
 from tracemesh.collector import _selfmetrics
 from tracemesh.collector._api import QueryAPI
+from tracemesh.collector._config_store import ConfigStore, ConfigStoreError
 from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, start_grpc
 from tracemesh.collector._otlp import decode_record, use_native_traces
 from tracemesh.collector._otlp_http import OTLPHttp
@@ -53,10 +59,16 @@ class CollectorOptions:
     native_traces: bool = True  # embedded store: ClickHouse parses OTLP traces itself (_native.py)
     ca_dir: str | None = None  # serve the mesh CA in this directory (off when None)
     ca_mtls: Addr | None = None  # the CA's mTLS renewal port; default <otlp host>:15012
+    control: Addr | None = None  # the plaintext discovery port; None: <otlp host>:15010, if free
+    control_off: bool = False  # no config distribution (and the CA renews on its own server)
+    endpoint_grace_s: float = 30.0  # how long a departed or unhealthy endpoint stays routable
+    control_dir: str | None = None  # the mesh config history; default <store>/control, ./tracemesh-control with --clickhouse
 
 
 #: Where the write-ahead log lives when the store is a server (no store directory to put it in).
 DEFAULT_SERVER_WAL = "tracemesh-wal"
+#: Where the mesh config history lives when the store is a server.
+DEFAULT_SERVER_CONTROL = "tracemesh-control"
 
 
 def _store_name(opts: CollectorOptions) -> str:
@@ -75,9 +87,43 @@ def _open_store(opts: CollectorOptions):
     return EmbeddedStore(opts.store)
 
 
+def _start_control(opts: CollectorOptions, config_store, ca_service, ca_serving):
+    """The config distribution server (blocking start): plaintext on ``--control``, and over mTLS
+    on the CA's port with the CA's renewals beside it. Every new config version is published to it."""
+    from concurrent import futures
+
+    import grpc
+
+    from tracemesh.collector._ca_service import DEFAULT_MTLS_PORT
+    from tracemesh.collector._discovery import DEFAULT_PORT, ControlServer, Distributor, ca_renewal_handler
+    from tracemesh.net import parse_addr
+
+    distributor = Distributor(grace_s=opts.endpoint_grace_s)
+    config_store.on_change(lambda v: distributor.publish(v.version, v.mesh))
+    cur = config_store.current()
+    # nothing ever applied: an empty config, so the registry's endpoints alone make a mesh
+    distributor.publish(cur.version if cur else 0, cur.mesh if cur else {})
+    server = ControlServer(distributor)
+    plain = opts.control or Addr(opts.otlp_grpc.host, DEFAULT_PORT)
+    mtls_addr = creds = None
+    handlers: tuple = ()
+    if ca_service is not None:
+        mtls_addr = str(opts.ca_mtls or Addr(opts.otlp_grpc.host, DEFAULT_MTLS_PORT))
+        creds = grpc.dynamic_ssl_server_credentials(ca_serving.configuration(), ca_serving.fetch,
+                                                    require_client_authentication=True)
+        handlers = (ca_renewal_handler(ca_service, futures.ThreadPoolExecutor(4, thread_name_prefix="mesh-ca")),)
+        distributor.set_bundle_source(ca_service.ca.bundle_pem)
+    server.start(str(plain), mtls_addr, creds, handlers, plain_optional=opts.control is None)
+    where = [f"{plain.host}:{server.plain_port}"] if server.plain_port else []
+    if server.mtls_port:
+        where.append(f"mTLS on {parse_addr(mtls_addr).host}:{server.mtls_port}")
+    return server, f"tracemesh collector: config distribution (MeshDiscovery) on {', '.join(where) or 'no port'}"
+
+
 async def _main(opts: CollectorOptions) -> int:
     started = time.time()
-    state: dict = {"store": None, "pipeline": None}
+    # config_store: the mesh config history (a ConfigStore); subscribe to new versions with on_change
+    state: dict = {"store": None, "pipeline": None, "config_store": None}
 
     def stats() -> dict:
         p = state["pipeline"]
@@ -86,6 +132,7 @@ async def _main(opts: CollectorOptions) -> int:
             out["pipeline"] = _selfmetrics.snapshot(p)
         return out
 
+    control_dir = opts.control_dir or (DEFAULT_SERVER_CONTROL if opts.clickhouse else f"{opts.store}/control")
     api_handler = QueryAPI(None, stats, lambda: _selfmetrics.prometheus(state["pipeline"], time.time() - started))
     listeners = await trio.open_tcp_listeners(opts.api.port, host=opts.api.host)
     api_url = f"http://{opts.api.host}:{listeners[0].socket.getsockname()[1]}"
@@ -109,6 +156,13 @@ async def _main(opts: CollectorOptions) -> int:
                 nursery.cancel_scope.cancel()
                 return 1
             state["store"] = store
+            try:  # after the store: a second collector on the same store hears about the store first
+                config_store = state["config_store"] = await trio.to_thread.run_sync(ConfigStore, control_dir)
+            except ConfigStoreError as exc:
+                print(f"tracemesh collector: {exc}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                return 1
+            api_handler.config.store = config_store
             applied = await trio.to_thread.run_sync(store.ensure_schema, SchemaOptions(ttl_days=opts.ttl_days))
             if applied:
                 log.info("schema migrations applied: %s", ", ".join(map(str, applied)))
@@ -119,19 +173,32 @@ async def _main(opts: CollectorOptions) -> int:
                 await trio.to_thread.run_sync(store.enable_native, f"{wal_dir}/native")
                 use_native_traces(True)
             pipeline = state["pipeline"] = Pipeline(wal, store.insert_rows, decode_record)
-            ca_handlers, ca_line = (), ""
+            ca_handlers, ca_line, ca_service, ca_serving = (), "", None, None
             if opts.ca_dir:
                 from tracemesh.collector._ca import CaError
-                from tracemesh.collector._ca_service import DEFAULT_MTLS_PORT, start_ca
+                from tracemesh.collector._ca_service import DEFAULT_MTLS_PORT, open_ca, start_ca
 
                 ca_mtls = opts.ca_mtls or Addr(opts.otlp_grpc.host, DEFAULT_MTLS_PORT)
                 try:
-                    ca_service, ca_server, ca_port = await trio.to_thread.run_sync(start_ca, opts.ca_dir, str(ca_mtls))
+                    if opts.control_off:
+                        ca_service, ca_server, ca_port = await trio.to_thread.run_sync(start_ca, opts.ca_dir, str(ca_mtls))
+                    else:  # the control plane's server serves the renewals, beside the discovery stream
+                        ca_service, ca_serving = await trio.to_thread.run_sync(open_ca, opts.ca_dir)
+                        ca_port = 0
                 except CaError as exc:
                     print(f"tracemesh collector: cannot serve the mesh CA: {exc}", file=sys.stderr)
                     nursery.cancel_scope.cancel()
                     return 1
                 ca_handlers = (ca_service.handler(renewal=False),)
+            control_line = ""
+            if not opts.control_off:
+                control, control_line = await trio.to_thread.run_sync(_start_control, opts, config_store, ca_service,
+                                                                      ca_serving)
+                state["control"] = control
+                api_handler.proxies = control.distributor.proxies
+                if ca_service is not None:
+                    ca_port = ca_service.renew_port = control.mtls_port
+            if ca_service is not None:
                 ca_line = (f"tracemesh collector: mesh CA {opts.ca_dir} (trust domain {ca_service.ca.trust_domain}): "
                            f"first certificates on the OTLP/gRPC port, renewals over mTLS on {ca_mtls.host}:{ca_port}")
             server, port = start_grpc(str(opts.otlp_grpc), pipeline, max_message=opts.max_message_bytes,
@@ -148,6 +215,11 @@ async def _main(opts: CollectorOptions) -> int:
                   f"query API on {api_url}, store {_store_name(opts)}", flush=True)
             if ca_line:
                 print(ca_line, flush=True)
+            if control_line:
+                print(control_line, flush=True)
+            cur = config_store.current()
+            print(f"tracemesh collector: mesh config history {control_dir}, "
+                  + (f"version {cur.version} in force" if cur else "nothing applied yet"), flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("got %s; shutting down", signal.Signals(signum).name)
@@ -161,6 +233,8 @@ async def _main(opts: CollectorOptions) -> int:
                 await trio.to_thread.run_sync(lambda: server.stop(GRPC_GRACE_S).wait())
             if ca_server is not None:
                 await trio.to_thread.run_sync(lambda: ca_server.stop(GRPC_GRACE_S).wait())
+            if state.get("control") is not None:
+                await trio.to_thread.run_sync(state["control"].stop, 1.0)
             p = state["pipeline"]
             if p is not None:
                 await trio.to_thread.run_sync(p.close, DRAIN_S)
@@ -170,6 +244,8 @@ async def _main(opts: CollectorOptions) -> int:
                       flush=True)
             if state["store"] is not None:
                 state["store"].close()
+            if state["config_store"] is not None:
+                state["config_store"].close()
     return 0
 
 

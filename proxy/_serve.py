@@ -5,7 +5,10 @@ get the workload certificate from the collector's mesh CA (retrying with backoff
 renewed at half-life from then on), then open both listeners, so that a sidecar that listens can
 serve mTLS. Without an identity the listeners open at once.
 The config file is re-read when it changes; a change that does not validate is logged and the last
-good config stays in force. SIGTERM/SIGINT: stop accepting, give open exchanges
+good config stays in force. With ``--control`` the config comes from the control plane instead
+(:mod:`tracemesh.proxy._control`): the sidecar waits for a first one (or its ``--control-cache``)
+for a bounded time before serving, and keeps the last good one while the control plane is away.
+SIGTERM/SIGINT: stop accepting, give open exchanges
 :data:`DRAIN_S` to finish, then flush queued spans for at most :data:`FLUSH_S`.
 """
 
@@ -17,6 +20,7 @@ import signal
 import socket
 import sys
 from datetime import datetime, timezone
+from functools import partial
 
 import trio
 
@@ -69,6 +73,29 @@ async def _watch_config(path: str, router: Router, mtime: float) -> None:
         log.info("config reloaded from %s: %d services, %d routes", path, len(cfg.services), sum(map(len, cfg.routes.values())))
 
 
+async def _listen(addr: Addr) -> list[trio.SocketListener]:
+    return await trio.open_tcp_listeners(addr.port, host=addr.host)
+
+
+async def _listen_reuseport(addr: Addr) -> list[trio.SocketListener]:
+    from tracemesh.proxy._workers import reuseport_listeners
+
+    return await reuseport_listeners(addr)
+
+
+async def _tcp_listeners(listen, sidecar: Sidecar, outbound: tuple[tuple[Addr, str], ...],
+                         inbound: tuple[tuple[Addr, Addr], ...]) -> list:
+    """(listeners, handler) for each --tcp-outbound LISTEN=SERVICE and --tcp-inbound LISTEN=APP."""
+    out = []
+    for addr, service in outbound:
+        out.append((await listen(addr), partial(sidecar.tcp.serve_outbound, service=service)))
+        log.info("TCP outbound %s -> service %s", addr, service)
+    for addr, app in inbound:
+        out.append((await listen(addr), partial(sidecar.tcp.serve_inbound, app=app)))
+        log.info("TCP inbound %s -> app %s", addr, app)
+    return out
+
+
 class UsageError(Exception):
     """Flags that do not go together; exit status 2, as argparse's own errors."""
 
@@ -106,8 +133,24 @@ def _identity_setup(identity: str | None, token: str | None, token_file: str | N
 
 async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: Addr, collector: Addr,
                 config: str | None, identity: str | None = None, token: str | None = None,
-                token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None) -> int:
-    creds, ca_client, mode = _identity_setup(identity, token, token_file, mtls, collector)
+                token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None,
+                worker: str | None = None, tcp_outbound: tuple[tuple[Addr, str], ...] = (),
+                tcp_inbound: tuple[tuple[Addr, Addr], ...] = (), control: Addr | None = None,
+                control_cache: str | None = None) -> int:
+    if control is not None and config:
+        raise UsageError("--control and --config are two sources of the mesh config; give one")
+    if control_cache and control is None:
+        raise UsageError("--control-cache goes with --control")
+    spec = None
+    if worker is not None:  # one of --workers N: the supervisor holds the identity and the admin address
+        from tracemesh.proxy._workers import WorkerSpec, worker_identity
+
+        spec = WorkerSpec.parse(worker)
+        creds, ca_client, mode = worker_identity(spec, identity, mtls)
+        admin = Addr("127.0.0.1", 0)  # scraped by the supervisor
+    else:
+        creds, ca_client, mode = _identity_setup(identity, token, token_file, mtls, collector)
+    listen = _listen if spec is None else _listen_reuseport
     cfg = load_config(config) if config else MeshConfig.empty()
     mtime = os.stat(config).st_mtime if config else 0.0
     own = cfg.services.get(service)
@@ -127,6 +170,15 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
     }
     if creds is not None:
         resource["mesh.identity"] = str(creds.spiffe_id)
+    control_client = None
+    if control is not None:
+        from tracemesh.proxy._control import ControlClient
+
+        control_client = ControlClient(
+            control, router, service=service, version=version, address=inbound, app=app,
+            instance_id=resource["service.instance.id"],
+            namespace=(creds.spiffe_id.namespace if creds is not None else None) or "default",
+            creds=creds, cache=control_cache, sidecar_version=__version__)
     exporter = OTLPExporter(recorder, str(collector), resource, __version__)
     tls = MeshTls(creds, mode)
     sidecar = Sidecar(service=service, version=version, app=app, router=router, recorder=recorder, tls=tls)
@@ -139,18 +191,25 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
     # opened first, so /ready answers (503) while the certificate is still being fetched
     admin_listeners = await trio.open_tcp_listeners(admin.port, host=admin.host) if admin else None
     in_listeners = out_listeners = None
+    tcp_listeners: list = []
+    sidecar.tcp.metrics = metrics  # and once per TCP connection opened, closed, and as bytes flow
+    if len(tcp_inbound) == 1:  # opaque TCP arriving on the HTTP inbound port goes to the one TCP app port
+        sidecar.tcp.default_app = tcp_inbound[0][1]
     if creds is None:
-        in_listeners = await trio.open_tcp_listeners(inbound.port, host=inbound.host)
-        out_listeners = await trio.open_tcp_listeners(outbound.port, host=outbound.host)
+        in_listeners = await listen(inbound)
+        out_listeners = await listen(outbound)
+        tcp_listeners = await _tcp_listeners(listen, sidecar, tcp_outbound, tcp_inbound)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(exporter.run)
             await outer.start(metrics_exporter.run)
+            await outer.start(sidecar.run)  # the task group of mirrored requests
             if admin_listeners:
                 await outer.start(serve_http, admin_listeners, admin_handler(metrics, readiness))
             id_note = ""
             if creds is not None:
-                log.info("asking the mesh CA at %s for a certificate for %s", collector, creds.spiffe_id)
+                if spec is None:  # a worker waits for its supervisor's
+                    log.info("asking the mesh CA at %s for a certificate for %s", collector, creds.spiffe_id)
                 with trio.CancelScope() as waiting:
                     async def stop_on_signal():
                         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -164,13 +223,18 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                 if not creds.ready:  # a signal while the CA was not answering
                     outer.cancel_scope.cancel()
                     return 0
-                in_listeners = await trio.open_tcp_listeners(inbound.port, host=inbound.host)
-                out_listeners = await trio.open_tcp_listeners(outbound.port, host=outbound.host)
+                in_listeners = await listen(inbound)
+                out_listeners = await listen(outbound)
+                tcp_listeners = await _tcp_listeners(listen, sidecar, tcp_outbound, tcp_inbound)
                 id_note = (f"; identity {creds.spiffe_id}, certificate until "
                            f"{datetime.fromtimestamp(creds.not_after, timezone.utc).isoformat(timespec='seconds')}, "
                            f"inbound mTLS {mode}")
             if config:
                 outer.start_soon(_watch_config, config, router, mtime)
+            if control_client is not None:  # a first config (or the cache's) before serving, within a bound
+                await outer.start(control_client.run)
+                id_note += (f"; config from the control plane at {control} "
+                            f"(version {control_client.applied_version or 'none yet'})")
             async with trio.open_nursery() as conns:
                 async def serve(listeners, direction):
                     async def one(stream):
@@ -187,12 +251,19 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                         async with trio.open_nursery() as n:
                             n.start_soon(serve, in_listeners, "inbound")
                             n.start_soon(serve, out_listeners, "outbound")
+                            for listeners, handler in tcp_listeners:
+                                n.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=conns))
 
                 conns.start_soon(accept_loop)
                 readiness.listening = True
-                print(f"tracemesh sidecar {service}/{version}: inbound {inbound} -> app {app}, "
-                      f"outbound {outbound}, spans to {collector}{id_note}"
-                      f"{f'; admin http://{admin}' if admin else ''}", flush=True)
+                if spec is not None:  # the supervisor prints the banner once every worker reported
+                    spec.report_ready(Addr(*admin_listeners[0].socket.getsockname()[:2]))
+                    log.info("worker %d (pid %d) serving inbound %s, outbound %s%s", spec.index, os.getpid(),
+                             inbound, outbound, id_note)
+                else:
+                    print(f"tracemesh sidecar {service}/{version}: inbound {inbound} -> app {app}, "
+                          f"outbound {outbound}, spans to {collector}{id_note}"
+                          f"{f'; admin http://{admin}' if admin else ''}", flush=True)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         break
@@ -206,6 +277,8 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
     finally:
         with trio.CancelScope(shield=True):
             await sidecar.pool.aclose()
+            if getattr(sidecar, "h2pool", None) is not None:  # made by the first HTTP/2 exchange
+                await sidecar.h2pool.aclose()
         exporter.close()
         metrics_exporter.close()
         if ca_client is not None:
@@ -223,16 +296,38 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                   f"calls to the CA; {sidecar.denied} requests denied by policy", flush=True)
         elif sidecar.denied:
             print(f"tracemesh sidecar {service}/{version}: {sidecar.denied} requests denied by policy", flush=True)
+        if control_client is not None:
+            c = control_client.stats
+            print(f"tracemesh sidecar {service}/{version}: control plane: {c.connects} connections, "
+                  f"{c.failures} failed, {c.snapshots} snapshots, {c.applied} applied, {c.nacks} rejected; "
+                  f"config {control_client.applied_version or 'none'}", flush=True)
     return 0
 
 
 def serve(*, service: str, version: str, app: Addr, inbound: Addr, outbound: Addr, collector: Addr,
           config: str | None, identity: str | None = None, token: str | None = None,
-          token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None) -> int:
+          token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None,
+          workers: int = 1, worker: str | None = None, worker_argv: list[str] | None = None,
+          tcp_outbound: tuple[tuple[Addr, str], ...] = (), tcp_inbound: tuple[tuple[Addr, Addr], ...] = (),
+          control: Addr | None = None, control_cache: str | None = None) -> int:
+    """``workers`` > 1: this process supervises that many workers (:mod:`tracemesh.proxy._workers`),
+    started with ``worker_argv`` (the user's flags less the supervisor's own) and ``--as-worker``;
+    ``worker`` (``INDEX:DIR``, from ``--as-worker``): this process is one of them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return trio.run(_main, service, version, app, inbound, outbound, collector, config,
-                        identity, token, token_file, mtls, admin)
+        if workers > 1 and worker is None:
+            from tracemesh.proxy._workers import supervise
+
+            return trio.run(partial(
+                supervise, workers=workers, argv=worker_argv or [], service=service, version=version, app=app,
+                inbound=inbound, outbound=outbound, collector=collector, config=config, identity=identity,
+                token=token, token_file=token_file, mtls=mtls, admin=admin,
+                tcp_listen=[("tcp-outbound", addr) for addr, _ in tcp_outbound]
+                + [("tcp-inbound", addr) for addr, _ in tcp_inbound]))
+        return trio.run(partial(_main, service, version, app, inbound, outbound, collector, config,
+                                identity, token, token_file, mtls, admin, worker,
+                                tcp_outbound=tuple(tcp_outbound), tcp_inbound=tuple(tcp_inbound),
+                                control=control, control_cache=control_cache))
     except UsageError as exc:
         print(f"tracemesh sidecar: {exc}", file=sys.stderr)
         return 2

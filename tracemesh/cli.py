@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from tracemesh import _args
-from tracemesh.net import parse_addr
+from tracemesh.net import Addr, parse_addr
 
 DEFAULT_OTLP_GRPC = "127.0.0.1:4317"
 DEFAULT_OTLP_HTTP = "127.0.0.1:4318"
@@ -18,6 +18,25 @@ DEFAULT_STORE = "tracemesh-data"
 
 
 _addr, _positive_int = _args.addr, _args.positive_int
+
+
+def _tcp_outbound(text: str) -> tuple:
+    listen, sep, service = text.partition("=")
+    if not sep or not service:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LISTEN=SERVICE, e.g. 127.0.0.1:15432=db")
+    return _addr(listen), service
+
+
+def _tcp_inbound(text: str) -> tuple:
+    listen, sep, app = text.partition("=")
+    if not sep or not app:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LISTEN=APP_PORT or LISTEN=HOST:PORT, e.g. "
+                                         f"127.0.0.1:25432=5432")
+    if app.isdigit():
+        if not 1 <= int(app) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r}: app port {app} is out of range (1-65535)")
+        return _addr(listen), int(app)
+    return _addr(listen), _addr(app)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "join tokens on the OTLP/gRPC port, renewals over mTLS on --ca-mtls (default: off)")
     c.add_argument("--ca-mtls", metavar="ADDR", type=_addr, default=None,
                    help="the CA's mTLS renewal port (default: the OTLP/gRPC host, port 15012)")
+    c.add_argument("--control", metavar="ADDR", default=None,
+                   help="config distribution to the sidecars (gRPC MeshDiscovery stream), plaintext, on ADDR, or "
+                        "'off' (default: the OTLP/gRPC host, port 15010, if free); with --ca also over mTLS on the "
+                        "CA's port")
+    c.add_argument("--endpoint-grace", metavar="SECONDS", type=float, default=30.0,
+                   help="a sidecar's endpoint stays in the mesh this long after it disconnected or its app turned "
+                        "unhealthy (default: %(default)s)")
+    c.add_argument("--control-dir", metavar="DIR", default=None,
+                   help="the mesh config's versioned history (default: STORE/control, or ./tracemesh-control "
+                        "with --clickhouse)")
 
     s = sub.add_parser("sidecar", help="run a sidecar proxy beside one workload")
     s.add_argument("--service", required=True, help="the workload's service name")
@@ -71,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin", metavar="ADDR", type=_addr, default=None,
                    help="serve GET /metrics (Prometheus, Istio's istio_* names), /ready and /healthz on "
                         "HOST:PORT (default: off)")
+    s.add_argument("--control", metavar="ADDR", type=_addr, default=None,
+                   help="take the mesh config and endpoints from the control plane at ADDR (the collector's "
+                        "port 15010; with --identity its mTLS port, 15012), instead of --config (default: off)")
+    s.add_argument("--control-cache", metavar="FILE", default=None,
+                   help="with --control: keep the last applied config in FILE and start from it when the "
+                        "control plane is away (default: off)")
+    s.add_argument("--workers", metavar="N", type=_positive_int, default=1,
+                   help="run N worker processes sharing the listeners (SO_REUSEPORT), to use N cores; this "
+                        "process supervises them, holds the identity and serves --admin (default: %(default)s)")
+    s.add_argument("--tcp-outbound", metavar="LISTEN=SERVICE", type=_tcp_outbound, action="append", default=[],
+                   help="opaque TCP: listen on LISTEN (HOST:PORT) and pass each connection to an endpoint of "
+                        "SERVICE, over mesh mTLS unless the service's mtls is disable (repeatable)")
+    s.add_argument("--tcp-inbound", metavar="LISTEN=APP", type=_tcp_inbound, action="append", default=[],
+                   help="opaque TCP: listen on LISTEN (HOST:PORT; plaintext or mTLS by --mtls) and pipe each "
+                        "connection to the app's PORT or HOST:PORT (repeatable; with exactly one, mTLS connections "
+                        "of the mesh's TCP ALPN on --inbound go to it too)")
+    # INDEX:DIR, set by the supervisor of --workers on the command lines of its workers
+    s.add_argument("--as-worker", dest="worker", default=None, help=argparse.SUPPRESS)
 
     q = sub.add_parser("sql", help="run read-only SQL over the store")
     where = q.add_mutually_exclusive_group()
@@ -87,11 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     from tracemesh._identity_cli import add_identity_commands
 
     add_identity_commands(sub)
+
+    ps = sub.add_parser("proxy-status", help="each sidecar connected to the control plane, and whether it is in sync")
+    ps.add_argument("--api", default=None, help=f"the collector's query API (default: http://{DEFAULT_API})")
+    ps.add_argument("--json", action="store_true", help="print the collector's JSON answer as it is")
+
+    from tracemesh._config_cli import add_config_commands
+
+    add_config_commands(sub)
     return p
 
 
+def _worker_argv(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> list[str]:
+    """The user's command line for ``command``'s workers: every flag but the supervisor's own, so
+    flags added to the command later reach the workers without a change here."""
+    from tracemesh.proxy._workers import worker_argv
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return worker_argv(argv, [o for a in sub._actions for o in a.option_strings])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "collector":
         from tracemesh.collector import CollectorOptions, serve, status
 
@@ -102,13 +167,21 @@ def main(argv: list[str] | None = None) -> int:
             otlp_http = None if args.otlp_http == "off" else parse_addr(args.otlp_http)
         except ValueError as exc:
             build_parser().error(str(exc))
+        control_off = args.control == "off"
+        try:
+            control = parse_addr(args.control) if args.control and not control_off else None
+        except ValueError as exc:
+            parser.error(f"--control: {exc}")
+        if args.endpoint_grace < 0:
+            parser.error("--endpoint-grace must be 0 or more seconds")
         if args.ca_mtls is not None and not args.ca:
             build_parser().error("--ca-mtls goes with --ca (the CA directory to serve)")
         return serve(CollectorOptions(
             store=args.store, otlp_grpc=args.otlp_grpc, otlp_http=otlp_http, api=api, wal_dir=args.wal,
             wal_max_bytes=args.wal_max_mb * 1024 * 1024, max_message_bytes=args.max_message_mb * 1024 * 1024,
             ttl_days=args.ttl_days, clickhouse=args.clickhouse, ca_dir=args.ca, ca_mtls=args.ca_mtls,
-            native_traces=not args.python_encoder))
+            native_traces=not args.python_encoder, control_dir=args.control_dir,
+            control=control, control_off=control_off, endpoint_grace_s=args.endpoint_grace))
     if args.command == "sidecar":
         from tracemesh.proxy import serve
 
@@ -125,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
             token_file=args.token_file,
             mtls=args.mtls,
             admin=args.admin,
+            workers=args.workers,
+            tcp_outbound=args.tcp_outbound,
+            # a bare app port is on the --app host
+            tcp_inbound=[(listen, Addr(args.app.host, app) if isinstance(app, int) else app)
+                         for listen, app in args.tcp_inbound],
+            worker=args.worker,
+            control=args.control,
+            control_cache=args.control_cache,
+            worker_argv=_worker_argv(parser, "sidecar", sys.argv[1:] if argv is None else argv)
+            if args.workers > 1 and args.worker is None else None,
         )
     if args.command == "sql":
         from tracemesh.query.cli import run_sql
@@ -134,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         from tracemesh.demo import run
 
         return run(seconds=args.seconds, store=args.store, rps=args.rps)
+    if args.command == "proxy-status":
+        from tracemesh._control_cli import proxy_status
+
+        return proxy_status(args.api or f"http://{DEFAULT_API}", as_json=args.json)
+    if args.command in ("validate", "apply", "get", "history", "rollback"):
+        from tracemesh._config_cli import run_config_command
+
+        return run_config_command(args)
     if args.command in ("ca", "token", "cert"):
         from tracemesh._identity_cli import run_identity_command
 

@@ -6,6 +6,12 @@ in ``<workdir>/ca``); every workload gets a single-use join token for its identi
 enters the mesh does so over mTLS too: :meth:`LocalMesh.client_context` is a mesh client
 credential (``sa/loadgen``) for the demo's load and the tests, as an ingress gateway would hold.
 
+The sidecars take their config from the control plane: the demo applies its mesh config
+(``<workdir>/mesh.yaml``) to the collector through its API, as ``tracemesh apply`` does, and starts
+every sidecar with ``--control`` (over mTLS, on the CA's port); the config names no endpoint, each
+sidecar registers its own workload, and the demo waits until every sidecar has acknowledged a
+snapshot holding all of them before any load starts.
+
 Every child runs in its own session (so a
 Ctrl-C at the terminal reaches only the supervisor, which stops the children in order) and asks the
 kernel for SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``, see :mod:`tracemesh._proc`), so no
@@ -95,6 +101,7 @@ class LocalMesh:
         self.api = Addr(self.host, free_port(self.host))
         self.otlp_http = Addr(self.host, free_port(self.host))
         self.ca_mtls = Addr(self.host, free_port(self.host))
+        self.control = Addr(self.host, free_port(self.host))  # plaintext discovery; the sidecars use ca_mtls
         self._client_ctx: ssl.SSLContext | None = None
         self.workloads = [
             Workload(s, v, *(Addr(self.host, free_port(self.host)) for _ in range(3))) for s, v in WORKLOADS
@@ -131,10 +138,13 @@ class LocalMesh:
         return self.workdir / "ca"
 
     def config(self) -> dict:
+        """The demo's mesh config. No endpoints: the sidecars register them; each service declares
+        its versions, so a route can name them before their sidecars are up."""
         services: dict[str, dict] = {}
         for w in self.workloads:
-            services.setdefault(w.service, {"endpoints": [], "mtls": "strict", "identity": w.identity})[
-                "endpoints"].append({"address": str(w.inbound), "version": w.version})
+            svc = services.setdefault(w.service, {"endpoints": [], "versions": [], "mtls": "strict",
+                                                  "identity": w.identity})
+            svc["versions"].append(w.version)
         routes = [
             {"service": "catalog", "destinations": [{"version": v, "weight": wt} for v, wt in CANARY_WEIGHTS.items()]}
         ]
@@ -200,7 +210,8 @@ class LocalMesh:
         self._spawn(
             "collector",
             ["-m", "tracemesh", "collector", "--store", str(self.store), "--otlp-grpc", str(self.otlp), "--otlp-http", str(self.otlp_http),
-             "--api", str(self.api), "--ca", str(self.ca_dir), "--ca-mtls", str(self.ca_mtls)],
+             "--api", str(self.api), "--ca", str(self.ca_dir), "--ca-mtls", str(self.ca_mtls),
+             "--control", str(self.control)],
         )
         for w in self.workloads:
             self._spawn(
@@ -211,16 +222,61 @@ class LocalMesh:
         # Sidecars ask the CA (on the OTLP/gRPC port) for their certificates as they start: start
         # them once it listens, rather than have them back off while the store opens.
         self._wait_listening([(self.otlp, "collector")])
+        self._apply(cfg)
         for w, token in zip(self.workloads, tokens, strict=True):
             self._spawn(
                 f"sidecar-{w.name}",
                 ["-m", "tracemesh", "sidecar", "--service", w.service, "--version", w.version, "--app", str(w.app),
                  "--inbound", str(w.inbound), "--outbound", str(w.outbound), "--collector", str(self.otlp),
-                 "--config", str(cfg), "--identity", w.identity, "--token-file", str(token), "--mtls", "strict"],
+                 "--control", str(self.ca_mtls), "--identity", w.identity, "--token-file", str(token),
+                 "--mtls", "strict"],
             )
         progress(f"starting {len(self.workloads)} workloads, each behind its sidecar (STRICT mTLS, "
-                 f"certificates from the mesh CA)")
+                 f"certificates from the mesh CA, config from the control plane)")
         self._wait_ready()
+
+    def _apply(self, path: Path) -> None:
+        """``tracemesh apply -f mesh.yaml``, through the collector's API (it answers once its config
+        history is open)."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            self.check_alive()
+            req = urllib.request.Request(f"{self.api_url}/api/config?replace=1&source=mesh.yaml",
+                                         data=path.read_bytes(), method="POST",
+                                         headers={"content-type": "application/yaml"})
+            try:
+                with urllib.request.urlopen(req, timeout=10):
+                    return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503:
+                    raise RuntimeError(f"the collector refused the demo's config: {exc.read().decode()}") from None
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the collector did not take the demo's config")
+            time.sleep(0.1)
+
+    def _wait_synced(self, deadline: float) -> None:
+        """Until every sidecar has acknowledged a snapshot holding every workload's endpoint."""
+        import urllib.request
+
+        while True:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/api/proxies", timeout=5) as r:
+                    doc = json.load(r)
+                ps = doc["proxies"]
+                if (len(ps) == len(self.workloads) and not doc["pending"] and all(p["status"] == "SYNCED" for p in ps)
+                        and sum(len(e) for e in doc["endpoints"].values()) == len(self.workloads)):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sidecars did not all take their config from the control plane")
+            time.sleep(0.1)
 
     def _wait_listening(self, targets: list[tuple[Addr, str]], deadline: float | None = None) -> None:
         deadline = deadline or time.monotonic() + START_TIMEOUT_S
@@ -246,7 +302,7 @@ class LocalMesh:
             try:
                 with urllib.request.urlopen(f"{self.api_url}/ready", timeout=2) as r:
                     if r.status == 200:
-                        return
+                        return self._wait_synced(deadline)
             except OSError:
                 pass
             if time.monotonic() > deadline:

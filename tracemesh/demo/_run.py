@@ -141,6 +141,18 @@ def identities(certs, api: str) -> str:
     return "\n".join(out)
 
 
+def _proxy_status(api: str) -> str:
+    """``tracemesh proxy-status`` while the sidecars still run: where each took its config from."""
+    from tracemesh._control_cli import fetch_proxies, render
+
+    try:
+        doc = fetch_proxies(api)
+    except OSError as exc:
+        return f"\nconfig distribution: cannot ask the collector: {exc}"
+    return "\n\nconfig from the control plane (`tracemesh proxy-status`; mesh.yaml applied, endpoints registered " \
+           "by the sidecars):\n" + render(doc)
+
+
 def summarize(api: str, seconds: float) -> tuple[str, str | None]:
     """The demo's report from the store, through the collector's query API; and the trace it drew."""
     out: list[str] = []
@@ -213,11 +225,13 @@ def run(seconds: float = 20.0, store: str | None = None, rps: float = 40.0) -> i
                    context=mesh.client_context())
             mesh.check_alive()
             certs = mesh.presented_certs()
+            proxies = _proxy_status(mesh.api_url)
             say("stopping workloads (their sidecars and SDKs flush spans)")
             mesh.stop_workloads()
             stored = _wait_for_spans(mesh.api_url)
             report, trace_id = summarize(mesh.api_url, seconds)
             report += "\n" + identities(certs, mesh.api_url)
+            report += proxies
         except KeyboardInterrupt:
             print("\ntracemesh demo: interrupted; stopping every process", file=sys.stderr)
             return 130
