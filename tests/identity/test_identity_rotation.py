@@ -130,6 +130,8 @@ def test_workload_rotation_under_load_has_zero_failed_handshakes(tmp_path, opens
             assert await stream.receive_some(100) == b"ping%d" % n
             n += 1
             stats["long_lived_echoes"] += 1
+            # how many certificates both sides had been through when this echo came back
+            stats["echoed_at_generation"] = min(server.generation, client.generation)
             await trio.sleep(0.25)
         await trio.aclose_forcefully(stream)
 
@@ -154,7 +156,9 @@ def test_workload_rotation_under_load_has_zero_failed_handshakes(tmp_path, opens
     assert errors == []
     assert stats["server_failed"] == stats["client_failed"] == stats["openssl_failed"] == 0
     assert stats["client_ok"] > 100 and stats["openssl_ok"] > 5, stats
-    assert stats["long_lived_echoes"] >= LOAD_SECONDS / 0.25 - 2
+    # The connection made with the first certificates still echoes after both sides renewed twice
+    # (their first certificates long expired). Not a rate: on a loaded machine echoes come slower.
+    assert stats["long_lived_echoes"] >= 10 and stats["echoed_at_generation"] >= 3, stats
     # Initial certificate plus renewals at about 3, 6 (and 9) seconds, on both sides.
     assert server.generation >= 3 and client.generation >= 3, (server.generation, client.generation)
     assert len(server_serials_seen_by_client) >= 3
