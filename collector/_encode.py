@@ -239,22 +239,35 @@ class Rejections:
         return "; ".join(self.reasons)
 
 
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = bytes(16), bytes(8)
+
+
 def _span_problem(span) -> str | None:
-    if len(span.trace_id) != 16 or not any(span.trace_id):
-        return f"span {span.name!r}: trace_id must be 16 bytes, not all zero (got {len(span.trace_id)} bytes)"
-    if len(span.span_id) != 8 or not any(span.span_id):
-        return f"span {span.name!r}: span_id must be 8 bytes, not all zero (got {len(span.span_id)} bytes)"
-    if span.parent_span_id and len(span.parent_span_id) != 8:
-        return f"span {span.name!r}: parent_span_id must be empty or 8 bytes (got {len(span.parent_span_id)})"
-    for link in span.links:
-        if len(link.trace_id) != 16 or len(link.span_id) != 8:
-            return f"span {span.name!r}: a link has a malformed trace_id or span_id"
+    # once per span on every trace export: each field is read once (upb builds a new object per read)
+    tid, sid, psid = span.trace_id, span.span_id, span.parent_span_id
+    if len(tid) != 16 or tid == _ZERO_TRACE_ID:
+        return f"span {span.name!r}: trace_id must be 16 bytes, not all zero (got {len(tid)} bytes)"
+    if len(sid) != 8 or sid == _ZERO_SPAN_ID:
+        return f"span {span.name!r}: span_id must be 8 bytes, not all zero (got {len(sid)} bytes)"
+    if psid and len(psid) != 8:
+        return f"span {span.name!r}: parent_span_id must be empty or 8 bytes (got {len(psid)})"
+    links = span.links
+    if links:
+        for link in links:
+            if len(link.trace_id) != 16 or len(link.span_id) != 8:
+                return f"span {span.name!r}: a link has a malformed trace_id or span_id"
     # DateTime64(9) holds nanoseconds in an Int64: later than 2262 cannot be stored (and would fail
     # the whole batch it travels in, so it is refused here, alone)
-    if span.start_time_unix_nano > MAX_TIME_NS or span.end_time_unix_nano > MAX_TIME_NS or any(
-            e.time_unix_nano > MAX_TIME_NS for e in span.events):
-        return f"span {span.name!r}: a timestamp is past the year 2262 (more than 2**63-1 ns)"
+    if span.start_time_unix_nano > MAX_TIME_NS or span.end_time_unix_nano > MAX_TIME_NS:
+        return _too_late(span)
+    for e in span.events:
+        if e.time_unix_nano > MAX_TIME_NS:
+            return _too_late(span)
     return None
+
+
+def _too_late(span) -> str:
+    return f"span {span.name!r}: a timestamp is past the year 2262 (more than 2**63-1 ns)"
 
 
 def encode_traces(req: ExportTraceServiceRequest, out: SpanColumns | None = None) -> tuple[SpanColumns, Rejections]:

@@ -4,7 +4,8 @@ A receiver validates and encodes an export, then calls :meth:`Pipeline.submit`, 
 raw request to the write-ahead log (group commit) and returns only once it is on disk; only then is
 the export acknowledged. The encoded rows wait in memory for the writer thread, up to
 ``max_memory_rows``; beyond that an entry keeps only its place in the log (spooled) and is decoded
-again from the log when its turn comes. When the log itself is full, :class:`Backpressure` tells
+again from the log when its turn comes (a batch kept as protobuf bytes is rebuilt from it without
+being parsed again). When the log itself is full, :class:`Backpressure` tells
 the receiver to push back.
 
 The writer takes a contiguous run of durable records, writes an *intent* (first and last sequence
@@ -38,7 +39,11 @@ KIND_TRACES, KIND_METRICS, KIND_LOGS = 1, 2, 3
 KIND_NAMES = {KIND_TRACES: "traces", KIND_METRICS: "metrics", KIND_LOGS: "logs"}
 
 #: Large inserts are cheap per row in ClickHouse; 25k spans is ~15 MB of columns, ~60 MB as Python objects.
+#: Counted in weight (see :func:`weight`): a batch kept as protobuf bytes weighs less than its rows.
 MAX_BATCH_ROWS = 25_000
+#: However light its batches, one insert takes at most this many rows: ClickHouse holds an insert's
+#: rows in memory (~7 KB a span while it parses OTLP itself).
+MAX_RUN_ROWS = 100_000
 #: Data is queryable within about this long after it arrives.
 FLUSH_INTERVAL_S = 0.2
 #: Rows held in memory for the writer; beyond this, entries are spooled (kept only in the log).
@@ -53,6 +58,27 @@ CHECKPOINT = "checkpoint.json"
 
 Decoder = Callable[[int, bytes], dict]
 Inserter = Callable[[str, object, str], None]
+
+
+def weight(batches: dict) -> int:
+    """What *batches* count against a batch's size, in rows encoded as Python objects (~2.4 KB each).
+    A batch may say less through a ``weight`` attribute (trace requests kept as protobuf bytes for
+    ClickHouse to parse, ~0.8 KB a span): its inserts are then larger, which amortises their fixed
+    cost (planning ClickHouse's own OTLP parsing takes ~0.2 s). Memory is still bounded in rows."""
+    return sum(getattr(b, "weight", None) or len(b) for b in batches.values())
+
+
+def _light(batches: dict) -> dict | None:
+    """What a spooled entry keeps instead of its rows: for each table a function that rebuilds the
+    batch from the logged payload without decoding it again (a batch's ``spooled()``), when every
+    batch offers one; else None, and the record is decoded again from the log."""
+    out = {}
+    for table, b in batches.items():
+        rebuild = b.spooled() if hasattr(b, "spooled") else None
+        if rebuild is None:
+            return None
+        out[table] = rebuild
+    return out
 
 
 class Backpressure(Exception):
@@ -85,6 +111,8 @@ class _Entry:
     seq: int
     batches: dict | None  # None: spooled, decode from the log
     rows: int
+    weight: int  # see weight(): batches are limited by it
+    light: dict | None = None  # spooled: rebuilds the batches from the logged payload (see _light)
 
 
 def _merge(batches_list: list[dict]) -> dict:
@@ -142,7 +170,7 @@ class Pipeline:
                 self._forced = (first, last)
         for s in seqs:
             loc_rows = _RECOVERED_ROWS_GUESS
-            self._pending[s] = _Entry(s, None, loc_rows)
+            self._pending[s] = _Entry(s, None, loc_rows, loc_rows)
         self.stats.recovered_records = self.stats.spooled_records = len(seqs)
         if seqs:
             log.info("write-ahead log holds %d records not known to be stored: storing them again "
@@ -153,7 +181,8 @@ class Pipeline:
 
     @property
     def queued_rows(self) -> int:
-        return sum(e.rows for e in self._pending.values())
+        with self._cond:  # the writer and the receivers change _pending meanwhile
+            return sum(e.rows for e in self._pending.values())
 
     def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0) -> int | None:
         """Make one export durable and queue its rows; return its sequence number (None when the
@@ -166,11 +195,12 @@ class Pipeline:
         if not rows:
             self.stats.rejected_rows += rejected
             return None
+        w = weight(batches)
 
         def assigned(seq: int) -> None:
             with self._cond:
                 spool = self._memory_rows + rows > self._max_memory
-                self._pending[seq] = _Entry(seq, None if spool else batches, rows)
+                self._pending[seq] = _Entry(seq, None if spool else batches, rows, w, _light(batches) if spool else None)
                 if spool:
                     self.stats.spooled_records += 1
                 else:
@@ -209,14 +239,15 @@ class Pipeline:
                     break
                 self._cond.wait(left if left > 0 else self._flush_interval)
             run: list[_Entry] = []
-            rows = 0
+            w = rows = 0
             s = self._next
             last = self._forced[1] if self._forced else None
             while s in self._pending and s <= self.wal.durable:
                 e = self._pending[s]
-                if last is None and run and rows + e.rows > self._max_batch:
+                if last is None and run and (w + e.weight > self._max_batch or rows + e.rows > MAX_RUN_ROWS):
                     break
                 run.append(e)
+                w += e.weight
                 rows += e.rows
                 if last is not None and s == last:
                     break
@@ -226,11 +257,12 @@ class Pipeline:
             return run
 
     def _ready_rows(self) -> int:
-        rows, s = 0, self._next
-        while s in self._pending and s <= self.wal.durable and rows < self._max_batch:
-            rows += self._pending[s].rows
+        """Weight of the durable entries next in line (up to a batch's worth)."""
+        w, s = 0, self._next
+        while s in self._pending and s <= self.wal.durable and w < self._max_batch:
+            w += self._pending[s].weight
             s += 1
-        return rows
+        return w
 
     def _materialize(self, run: list[_Entry]) -> tuple[dict, int]:
         parts = []
@@ -239,7 +271,10 @@ class Pipeline:
                 parts.append(e.batches)
                 continue
             kind, payload = self.wal.read(e.seq)
-            parts.append(self._decode(kind, payload))
+            if e.light is not None:
+                parts.append({table: rebuild(payload) for table, rebuild in e.light.items()})
+            else:
+                parts.append(self._decode(kind, payload))
         tables = _merge(parts)
         return tables, sum(len(b) for b in tables.values())
 

@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from tracemesh.collector._encode import MAX_REASONS, SpanColumns, encode_traces, format_double, value_str
+from tracemesh.collector._encode import MAX_REASONS, SpanColumns, _span_problem, encode_traces, format_double, value_str
 from tracemesh.collector._schema import TRACE_COLUMNS
 
 TID = bytes.fromhex("5b8efff798038103d269b633813fc60c")
@@ -458,3 +458,26 @@ def test_any_value_renders_to_a_string(v):
         assert float(out) == v
     elif isinstance(v, bytes):
         assert base64.b64decode(out) == v
+
+
+def _reference_span_problem(span) -> str | None:
+    """_span_problem as first written (plain and slow): the fast one must say exactly the same."""
+    if len(span.trace_id) != 16 or not any(span.trace_id):
+        return f"span {span.name!r}: trace_id must be 16 bytes, not all zero (got {len(span.trace_id)} bytes)"
+    if len(span.span_id) != 8 or not any(span.span_id):
+        return f"span {span.name!r}: span_id must be 8 bytes, not all zero (got {len(span.span_id)} bytes)"
+    if span.parent_span_id and len(span.parent_span_id) != 8:
+        return f"span {span.name!r}: parent_span_id must be empty or 8 bytes (got {len(span.parent_span_id)})"
+    for link in span.links:
+        if len(link.trace_id) != 16 or len(link.span_id) != 8:
+            return f"span {span.name!r}: a link has a malformed trace_id or span_id"
+    if span.start_time_unix_nano > 2**63 - 1 or span.end_time_unix_nano > 2**63 - 1 or any(
+            e.time_unix_nano > 2**63 - 1 for e in span.events):
+        return f"span {span.name!r}: a timestamp is past the year 2262 (more than 2**63-1 ns)"
+    return None
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_spans())
+def test_span_problem_says_what_the_reference_says(span):
+    assert _span_problem(span) == _reference_span_problem(span)

@@ -208,3 +208,58 @@ def test_a_full_log_pushes_back_and_takes_nothing(store, otlp, tmp_path):
     finally:
         storage.gate.set()
         p.close(5)
+
+
+# -- batches kept as protobuf bytes (native trace ingest) ------------------------------------------
+
+
+def native_submit(p: Pipeline, otlp, trace_id: bytes, n: int) -> int:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from tracemesh.collector._native import validate_traces
+
+    raw = otlp.request(*[otlp.span(f"s{i}", trace_id=trace_id, span_id=(i + 1).to_bytes(8, "big"))
+                         for i in range(n)]).SerializeToString()
+    batches, rej = validate_traces(ExportTraceServiceRequest.FromString(raw), raw)
+    return p.submit(KIND_TRACES, raw, batches, rej.count)
+
+
+def test_batches_kept_as_bytes_weigh_less_so_their_inserts_are_larger(store, otlp, tmp_path, monkeypatch):
+    storage = Storage(store)
+    monkeypatch.setattr(_pipeline, "MAX_RUN_ROWS", 40)
+    # 10 spans of protobuf weigh 1 row: 5 of them fit a run of weight 5, up to 40 rows
+    p = Pipeline(WAL(tmp_path / "wal"), storage, decode_record, flush_interval=0.05, max_batch_rows=5)
+    try:
+        storage.gate.clear()
+        tids = [os.urandom(16) for _ in range(12)]
+        seqs = [native_submit(p, otlp, t, 10) for t in tids]
+        assert all(e.weight == 1 for e in p._pending.values())
+        storage.gate.set()
+        assert p.wait_stored(seqs[-1], WAIT_S)
+        assert count(store, tids) == {t.hex(): 10 for t in tids}
+        sizes = [n for _, n, _ in storage.calls]
+        assert sum(sizes) == 120 and max(sizes) == 40  # limited by rows, not by weight
+    finally:
+        p.close(5)
+
+
+def test_spooled_native_batches_are_rebuilt_from_the_log_without_parsing_again(store, otlp, tmp_path):
+    storage = Storage(store)
+    decoded = []
+
+    def decode(kind, payload):
+        decoded.append(kind)
+        return decode_record(kind, payload)
+
+    p = Pipeline(WAL(tmp_path / "wal"), storage, decode, flush_interval=0.05, max_memory_rows=1)
+    try:
+        storage.gate.clear()
+        tids = [os.urandom(16) for _ in range(6)]
+        seqs = [native_submit(p, otlp, t, 5) for t in tids]
+        assert p.stats.spooled_records >= 5
+        storage.gate.set()
+        assert p.wait_stored(seqs[-1], WAIT_S)
+        assert count(store, tids) == {t.hex(): 5 for t in tids}
+        assert decoded == [] and p.stats.spooled_records == 0
+    finally:
+        p.close(5)
