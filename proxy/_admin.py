@@ -20,6 +20,7 @@ import trio
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
 from tracemesh.httpserve import Handler, Request, Response
+from tracemesh.proxy._accesslog import stats_lines as access_log_stats
 from tracemesh.proxy._metrics import CONTENT_TYPE, MeshMetrics, encode_otlp, render_prometheus
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ def sidecar_stats(recorder, tls, sidecar, conns: ConnectionStats, exporter: Metr
             "tracemesh_sidecar_mtls_handshakes_total": (t.handshakes, "Inbound mTLS handshakes completed."),
             "tracemesh_sidecar_mtls_refused_total": (t.refused, "Inbound connections refused by the mTLS mode."),
         }
+        access_log = getattr(sidecar, "access_log", None)
+        if access_log is not None:
+            out.update(access_log_stats(access_log.stats, len(access_log)))
         if exporter is not None:
             out["tracemesh_sidecar_metric_exports_total"] = (exporter.exported, "Metric exports the collector accepted.")
             out["tracemesh_sidecar_metric_export_failures_total"] = (exporter.failures, "Failed metric export calls.")

@@ -59,6 +59,7 @@ class SpanRecord(NamedTuple):
     attributes: dict
     status: int
     status_message: str
+    trace_state: str = ""  # W3C tracestate as received (Span.trace_state)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def encode_request(resource: dict, scope_version: str, spans: list[SpanRecord]) 
     out = []
     for s in spans:
         out.append(Span(
-            trace_id=s.trace_id, span_id=s.span_id, parent_span_id=s.parent_span_id, name=s.name,
+            trace_id=s.trace_id, span_id=s.span_id, trace_state=s.trace_state, parent_span_id=s.parent_span_id,
+            name=s.name,
             kind=s.kind, start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
             attributes=[_kv(k, v) for k, v in s.attributes.items()],
             status=Status(code=s.status, message=s.status_message),
@@ -153,6 +155,8 @@ def _key_value(k: str, v) -> bytes:
 
 def _span_bytes(s: "SpanRecord") -> bytes:
     parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
+    if s.trace_state:
+        parts.append(_ld(b"\x1a", s.trace_state.encode()))  # Span.trace_state = 3
     if s.parent_span_id:
         parts += [b"\x22", _varint(len(s.parent_span_id)), s.parent_span_id]
     if s.name:
@@ -172,13 +176,22 @@ def _span_bytes(s: "SpanRecord") -> bytes:
 
 def encode_request_fast(resource: dict, scope_version: str, spans: list["SpanRecord"]) -> bytes:
     """The bytes of ``encode_request(resource, scope_version, spans)``, without message objects."""
+    scope_spans = _scope_bytes(SCOPE_NAME, scope_version) + b"".join(_span_bytes(s) for s in spans)
+    resource_spans = _resource_bytes(resource) + _ld(b"\x12", scope_spans)
+    return _ld(b"\x0a", resource_spans)
+
+
+def _resource_bytes(resource: dict) -> bytes:
+    """``ResourceSpans.resource`` (or ResourceLogs', also field 1) for *resource*."""
     # Resource.attributes is field 1 (tag 0x0a), where Span.attributes is 9
     res = b"".join(_ld(b"\x0a", (_ld(b"\x0a", k.encode()) if k else b"") + _ld(b"\x12", _any_value(v)))
                    for k, v in resource.items())
-    scope = _ld(b"\x0a", SCOPE_NAME.encode()) + (_ld(b"\x12", scope_version.encode()) if scope_version else b"")
-    scope_spans = _ld(b"\x0a", scope) + b"".join(_span_bytes(s) for s in spans)
-    resource_spans = _ld(b"\x0a", res) + _ld(b"\x12", scope_spans)
-    return _ld(b"\x0a", resource_spans)
+    return _ld(b"\x0a", res)
+
+
+def _scope_bytes(name: str, version: str) -> bytes:
+    """``ScopeSpans.scope`` (or ScopeLogs', also field 1)."""
+    return _ld(b"\x0a", _ld(b"\x0a", name.encode()) + (_ld(b"\x12", version.encode()) if version else b""))
 
 
 class SpanRecorder:
@@ -207,6 +220,14 @@ class SpanRecorder:
 
 
 class OTLPExporter:
+    """Exports what *recorder* queued, in batches, off the request path. Subclasses export
+    another signal from a queue of the same shape (:mod:`._accesslog`): they set
+    :attr:`export_path`, :attr:`response_type`, :attr:`what` and :meth:`encode`."""
+
+    export_path = EXPORT_PATH
+    response_type = ExportTraceServiceResponse
+    what = "span"
+
     def __init__(self, recorder: SpanRecorder, collector: str, resource: dict, scope_version: str) -> None:
         self.recorder = recorder
         self.target = collector
@@ -214,14 +235,17 @@ class OTLPExporter:
         self.scope_version = scope_version
         self._channel = grpc.insecure_channel(collector, options=[("grpc.enable_retries", 0)])
         self._export = self._channel.unary_unary(
-            EXPORT_PATH, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)
+            self.export_path, request_serializer=None, response_deserializer=self.response_type.FromString)
         self._warned_at = 0.0
+
+    def encode(self, batch: list) -> bytes:
+        return encode_request_fast(self.resource, self.scope_version, batch)
 
     def _send(self, payload: bytes, timeout: float) -> None:
         self._export(payload, timeout=timeout)
 
     def _encode_and_send(self, batch: list[SpanRecord], timeout: float) -> None:
-        self._export(encode_request_fast(self.resource, self.scope_version, batch), timeout=timeout)
+        self._export(self.encode(batch), timeout=timeout)
 
     async def _export_batch(self, batch: list[SpanRecord], timeout: float = EXPORT_TIMEOUT_S) -> bool:
         try:
@@ -232,7 +256,7 @@ class OTLPExporter:
             now = time.monotonic()
             if now - self._warned_at > 10:  # one line per 10 s, not one per batch, while the collector is away
                 self._warned_at = now
-                log.warning("span export to %s failed: %s %s", self.target, exc.code(), exc.details())
+                log.warning("%s export to %s failed: %s %s", self.what, self.target, exc.code(), exc.details())
             return False
         self.recorder.stats.exported += len(batch)
         return True

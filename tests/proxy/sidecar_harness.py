@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -54,18 +56,57 @@ class RecvSpan:
     status_message: str
     resource: dict
     scope: tuple[str, str]
+    trace_state: str = ""
+
+
+@dataclass
+class RecvLog:
+    trace_id: str
+    span_id: str
+    flags: int
+    time_ns: int
+    observed_ns: int
+    severity: tuple[int, str]
+    body: str
+    attrs: dict
+    resource: dict
+    scope: tuple[str, str]
+
+
+class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, receiver: "OTLPReceiver") -> None:
+        self.receiver = receiver
+
+    def Export(self, request, context):  # noqa: N802 (the gRPC method's name)
+        got = []
+        for rl in request.resource_logs:
+            resource = {kv.key: any_value(kv.value) for kv in rl.resource.attributes}
+            for sl in rl.scope_logs:
+                for r in sl.log_records:
+                    got.append(RecvLog(r.trace_id.hex(), r.span_id.hex(), r.flags, r.time_unix_nano,
+                                       r.observed_time_unix_nano, (r.severity_number, r.severity_text),
+                                       any_value(r.body), {kv.key: any_value(kv.value) for kv in r.attributes},
+                                       resource, (sl.scope.name, sl.scope.version)))
+        rec = self.receiver
+        with rec._cond:
+            rec.logs.extend(got)
+            rec._cond.notify_all()
+        return ExportLogsServiceResponse()
 
 
 class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """A grpcio TraceService that keeps every span it is sent. *handlers* are served beside it on
-    the same port, as the collector serves the mesh CA's bootstrap door beside OTLP."""
+    """A grpcio TraceService that keeps every span it is sent, and a LogsService that keeps every
+    log record (:attr:`logs`). *handlers* are served beside them on the same port, as the collector
+    serves the mesh CA's bootstrap door beside OTLP."""
 
     def __init__(self, handlers: tuple = ()) -> None:
         self.spans: list[RecvSpan] = []
+        self.logs: list[RecvLog] = []
         self.requests = 0
         self._cond = threading.Condition()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-otlp"))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), self.server)
         if handlers:
             self.server.add_generic_rpc_handlers(tuple(handlers))
         port = self.server.add_insecure_port("127.0.0.1:0")
@@ -84,7 +125,7 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         s.start_time_unix_nano, s.end_time_unix_nano,
                         {kv.key: any_value(kv.value) for kv in s.attributes},
                         Status.StatusCode.Name(s.status.code).removeprefix("STATUS_CODE_"), s.status.message,
-                        resource, (ss.scope.name, ss.scope.version),
+                        resource, (ss.scope.name, ss.scope.version), s.trace_state,
                     ))
         with self._cond:
             self.requests += 1
@@ -112,6 +153,19 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     break
                 self._cond.wait(left)
         assert len(found) >= count, f"expected {count} span(s) of {service or 'any service'} with {attrs}, got {len(found)}: {found}"
+        return found
+
+    def wait_logs(self, count: int = 1, timeout: float = 10.0, service: str | None = None, **attrs) -> list[RecvLog]:
+        """Log records (of *service*, if given) whose attributes include *attrs*, once there are at
+        least *count* of them."""
+        def match():
+            return [r for r in self.logs if (service is None or r.resource.get("service.name") == service)
+                    and all(r.attrs.get(k) == v for k, v in attrs.items())]
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(found := match()) < count and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+        assert len(found) >= count, f"expected {count} log record(s) with {attrs}, got {len(found)}: {found}"
         return found
 
     def close(self) -> None:

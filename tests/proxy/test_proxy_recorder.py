@@ -178,10 +178,22 @@ _records = _st.builds(
     SpanRecord, _st.binary(min_size=16, max_size=16), _st.binary(min_size=8, max_size=8),
     _st.sampled_from([b"", b"\x01" * 8]), _st.text(max_size=40), _st.integers(0, 5),
     _st.integers(0, 2**64 - 1), _st.integers(0, 2**64 - 1),
-    _st.dictionaries(_st.text(max_size=30), _attr_value, max_size=8), _st.integers(0, 2), _st.text(max_size=20))
+    _st.dictionaries(_st.text(max_size=30), _attr_value, max_size=8), _st.integers(0, 2), _st.text(max_size=20),
+    _st.one_of(_st.just(""), _st.text(max_size=60)))
 
 
 @given(_st.lists(_records, max_size=5), _st.dictionaries(_st.text(max_size=20), _attr_value, max_size=4), _st.text(max_size=10))
 @settings(max_examples=300, deadline=None)
 def test_fast_encoder_is_byte_identical(spans, resource, version):
     assert encode_request_fast(resource, version, spans) == encode_request(resource, version, spans)
+
+
+def test_trace_state_is_span_field_3_as_the_reference_parser_reads_it():
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    state = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    spans = [_span(1, trace_state=state), _span(2)]
+    for payload in (encode_request_fast(RESOURCE, "1", spans), encode_request(RESOURCE, "1", spans)):
+        got = ExportTraceServiceRequest.FromString(payload).resource_spans[0].scope_spans[0].spans
+        assert [s.trace_state for s in got] == [state, ""]
+    assert Span.DESCRIPTOR.fields_by_name["trace_state"].number == 3
