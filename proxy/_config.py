@@ -139,7 +139,18 @@ class Fault:
     delay_percent: float = 0.0
     delay_s: float = 0.0
     abort_percent: float = 0.0
-    abort_status: int = 0
+    abort_status: int = 0  # HTTP; for a grpc_status-only abort, the status gRPC maps to (GRPC_TO_HTTP)
+    abort_grpc_status: int | None = None  # Istio's grpcStatus: gRPC calls get it as a trailers-only answer
+
+
+#: gRPC status codes by name (https://grpc.github.io/grpc/core/md_doc_statuscodes.html).
+GRPC_STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+                     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                     "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+                     "UNAUTHENTICATED")
+#: The HTTP status of each gRPC status (google.rpc.Code's mapping, as Envoy's grpcToHttpStatus):
+#: what an HTTP/1.1 request gets from an abort that names only a grpc_status.
+GRPC_TO_HTTP = (200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500, 401)
 
 
 @dataclass(frozen=True)
@@ -815,11 +826,28 @@ def _fault(ctx: _Ctx, node: _Node, field: str) -> Fault:
         dm = ctx.mapping(m["delay"], f"{field}.delay", {"percent", "fixed_delay"}, {"fixed_delay"})
         delay_s = _duration(ctx, dm["fixed_delay"], f"{field}.delay.fixed_delay")
         delay_percent = _percent(ctx, dm["percent"], f"{field}.delay.percent") if "percent" in dm else 100.0
+    abort_grpc = None
     if "abort" in m:
-        am = ctx.mapping(m["abort"], f"{field}.abort", {"percent", "http_status"}, {"http_status"})
-        abort_status = _int(ctx, am["http_status"], f"{field}.abort.http_status", 200, 599)
+        am = ctx.mapping(m["abort"], f"{field}.abort", {"percent", "http_status", "grpc_status"})
+        if ("http_status" in am) == ("grpc_status" in am):
+            raise ctx.fail(m["abort"], f"{field}.abort", "expected one of http_status or grpc_status")
+        if "http_status" in am:
+            abort_status = _int(ctx, am["http_status"], f"{field}.abort.http_status", 200, 599)
+        else:
+            abort_grpc = _grpc_status(ctx, am["grpc_status"], f"{field}.abort.grpc_status")
+            abort_status = GRPC_TO_HTTP[abort_grpc]
         abort_percent = _percent(ctx, am["percent"], f"{field}.abort.percent") if "percent" in am else 100.0
-    return Fault(delay_percent, delay_s, abort_percent, abort_status)
+    return Fault(delay_percent, delay_s, abort_percent, abort_status, abort_grpc)
+
+
+def _grpc_status(ctx: _Ctx, node: _Node, field: str) -> int:
+    """A gRPC status: its number (0-16) or its name (``UNAVAILABLE``, any case)."""
+    v = node.value
+    if isinstance(v, str) and v.strip().upper() in GRPC_STATUS_NAMES:
+        return GRPC_STATUS_NAMES.index(v.strip().upper())
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16:
+        return v
+    raise ctx.fail(node, field, f"expected a gRPC status, 0-16 or a name such as UNAVAILABLE, got {_kind(v)}")
 
 
 def _traffic_policy(ctx: _Ctx, node: _Node, field: str) -> TrafficPolicy:

@@ -142,7 +142,10 @@ ERRORS = [
     (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: 1, retriable_status_codes: [700]}\n", 8, "routes[0].retries.retriable_status_codes[0]", "100-599"),
     (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    retries: {attempts: 1, tries: 2}\n", 8, "routes[0].retries.tries", "unknown key"),
     (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {percent: 150, http_status: 503}}\n", 8, "routes[0].fault.abort.percent", "percentage"),
-    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {percent: 50}}\n", 8, "routes[0].fault.abort", "missing required key 'http_status'"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {percent: 50}}\n", 8, "routes[0].fault.abort", "expected one of http_status or grpc_status"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {http_status: 503, grpc_status: 14}}\n", 8, "routes[0].fault.abort", "expected one of http_status or grpc_status"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {grpc_status: 17}}\n", 8, "routes[0].fault.abort.grpc_status", "0-16 or a name"),
+    (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {abort: {grpc_status: NOPE}}\n", 8, "routes[0].fault.abort.grpc_status", "got 'NOPE'"),
     (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    fault: {delay: {fixed_delay: soon}}\n", 8, "routes[0].fault.delay.fixed_delay", "expected a duration"),
     (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{path: {regex: '(unclosed'}}]\n", 8, "routes[0].match[0].path.regex", "does not compile"),
     (BASE + "routes:\n  - service: catalog\n    destinations: [{version: v1}]\n    match: [{path: {exact: /a, prefix: /b}}]\n", 8, "routes[0].match[0].path", "exactly one of"),
@@ -365,3 +368,18 @@ def test_route_mirror_parses_with_istio_defaults():
     assert cfg.routes["catalog"][0].mirror == Mirror("shadow", "v2", 12.5)
     assert cfg.routes["shadow"][0].mirror == Mirror("catalog", None, 100.0)  # no percent: all, as Istio
     assert parse_config(EXAMPLE, SRC).routes["catalog"][0].mirror is None
+
+
+def test_fault_abort_takes_a_grpc_status_by_number_or_name():
+    from tracemesh.proxy._config import Fault
+
+    def fault(abort: str) -> Fault:
+        text = BASE + f"routes:\n  - service: catalog\n    destinations: [{{version: v1}}]\n    fault: {{abort: {abort}}}\n"
+        return parse_config(text, SRC).routes["catalog"][0].fault
+
+    # an HTTP/1.1 request gets the HTTP status gRPC maps to (google.rpc.Code's mapping, as Envoy's)
+    assert fault("{grpc_status: UNAVAILABLE, percent: 50}") == Fault(0.0, 0.0, 50.0, 503, 14)
+    assert fault("{grpc_status: resource_exhausted}") == Fault(0.0, 0.0, 100.0, 429, 8)
+    assert fault("{grpc_status: 12}") == Fault(0.0, 0.0, 100.0, 501, 12)
+    assert fault("{grpc_status: 0}").abort_grpc_status == 0
+    assert fault("{http_status: 418}").abort_grpc_status is None

@@ -5,6 +5,7 @@ failures and retries as gRPC statuses, and the spans' ``rpc.*`` attributes."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 import uuid
 
@@ -39,6 +40,9 @@ def gmesh(otlp, tmp_path_factory):
         "routes": [
             {"service": "greeter", "name": "aborted", "match": [{"path": {"prefix": f"/{SERVICE}/Aborted"}}],
              "destinations": [{"version": "v1"}], "fault": {"abort": {"percent": 100, "http_status": 503}}},
+            {"service": "greeter", "name": "grpc-aborted",
+             "match": [{"path": {"prefix": f"/{SERVICE}/Exhausted"}}], "destinations": [{"version": "v1"}],
+             "fault": {"abort": {"percent": 100, "grpc_status": "RESOURCE_EXHAUSTED"}}},
             {"service": "greeter", "name": "delayed", "match": [{"headers": {"x-delay": {"exact": "yes"}}}],
              "destinations": [{"version": "v1"}], "fault": {"delay": {"percent": 100, "fixed_delay": "500ms"}}},
             {"service": "greeter", "name": "retried", "match": [{"headers": {"x-retry": {"exact": "yes"}}}],
@@ -176,6 +180,21 @@ def test_local_failures_are_grpc_statuses(gmesh, otlp):
         assert err.value.code() == code, err.value
         span = otlp.wait(**{"guid:x-request-id": rid})[0]
         assert span.attrs["mesh.response_flags"] == flag
+
+
+def test_fault_abort_with_a_grpc_status(gmesh, otlp):
+    front, _, channel, _ = gmesh
+    rid = _rid()
+    with pytest.raises(grpc.RpcError) as err:  # the route's abort: {grpc_status: RESOURCE_EXHAUSTED}
+        stub(channel, "Exhausted")(b"x", timeout=10, metadata=(("x-request-id", rid),))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.details() == "fault filter abort"
+    span = otlp.wait(**{"guid:x-request-id": rid})[0]
+    assert span.attrs["mesh.response_flags"] == "FI" and span.attrs["rpc.grpc.status_code"] == 8
+    # an HTTP/1.1 request on that route gets the HTTP status gRPC maps RESOURCE_EXHAUSTED to
+    req = urllib.request.Request(f"http://{front.outbound}/{SERVICE}/Exhausted", headers={"Host": "greeter"})
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(req, timeout=10)
+    assert http_err.value.code == 429
 
 
 def test_unavailable_is_retried_by_the_route(gmesh, otlp):

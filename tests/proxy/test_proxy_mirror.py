@@ -14,6 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_harness import SidecarProc, Upstream, write_mesh
@@ -76,8 +77,9 @@ def mirrored(otlp, tmp_path_factory):
 
     config = {
         "services": {
-            "shop": {"endpoints": [ep(primary.addr)]},
-            "shadow": {"endpoints": [ep(shadow.addr, "v2")]},
+            # declared HTTP/1.1 (the stdlib apps): HTTP/2 clients' requests and copies are translated
+            "shop": {"endpoints": [ep(primary.addr)], "ports": [{"port": 80, "protocol": "http"}]},
+            "shadow": {"endpoints": [ep(shadow.addr, "v2")], "ports": [{"port": 80, "protocol": "http"}]},
             "held": {"endpoints": [ep(held.addr)]},
             "gone": {"endpoints": [ep(dead)]},
         },
@@ -141,6 +143,29 @@ def test_percent_100_delivers_every_request_to_both(mirrored, otlp):
     # the copy's traceparent names the mirror span, not the main one
     seen = next(s for s in shadow.requests("/all/post/3"))
     assert seen.headers["traceparent"].split("-")[2] == span.span_id
+
+
+def test_http2_streams_are_mirrored_too(mirrored, otlp):
+    sc, _, primary, shadow, _ = mirrored
+    body = b"h2 mirror " * 100
+    with httpx.Client(http1=False, http2=True, base_url=f"http://{sc.outbound}", timeout=10,
+                      headers={"host": "shop", "x-mirror": "all"}) as client:
+        for i in range(5):
+            assert client.get(f"/h2/{i}").status_code == 200
+            r = client.post(f"/h2/post/{i}", content=body)
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+            # no content-length (a streamed body): not mirrored, as for HTTP/1.1
+            assert client.post(f"/h2/streamed/{i}", content=iter([body])).status_code == 200
+    assert len(primary.requests("/h2/")) == 15
+    wait_until(lambda: len(shadow.requests("/h2/")) == 10)
+    assert not shadow.requests("/h2/streamed/")
+    assert {s.body_sha256 for s in shadow.requests("/h2/post/")} == {hashlib.sha256(body).hexdigest()}
+    assert {s.headers["host"] for s in shadow.requests("/h2/")} == {"shop-shadow"}
+    span = otlp.wait(1, service="mirrorer", **{"mesh.mirror": True, "url.path": "/h2/post/2"})[0]
+    main = otlp.wait(1, service="mirrorer", **{"url.path": "/h2/post/2", "mesh.destination.service": "shop"})[0]
+    assert span.kind == "CLIENT" and span.parent_span_id == main.span_id and span.trace_id == main.trace_id
+    assert span.attrs["http.response.status_code"] == 200 and span.attrs["server.address"] == "shop-shadow"
+    assert main.attrs["network.protocol.version"] == "2" and span.attrs["network.protocol.version"] == "1.1"
 
 
 def test_percent_30_within_statistical_tolerance(mirrored):
