@@ -9,7 +9,10 @@ send it to an ``HTTP_PROXY``) or from the ``Host`` header; the :class:`Router` p
 endpoint. Bodies stream through in both directions; nothing is buffered beyond one read.
 
 Each request yields one span: SERVER inbound, CLIENT outbound, a child of the caller's
-``traceparent``; the upstream gets a ``traceparent`` naming our span as its parent. Failures map to
+``traceparent`` (else its B3 context); the upstream gets a ``traceparent`` naming our span as its
+parent, the caller's ``tracestate``, and B3 headers naming our span where B3 came in
+(:func:`_context_headers`). :meth:`Sidecar._record` ends every request: RED metrics, one access
+log record (:mod:`._accesslog`), the span. Failures map to
 Envoy's response flags and statuses: NR 404 (no route), UH 503 (no endpoint), UF 503 (connect
 failure), UT 504 (timeout), UC 503 (upstream closed before the response head; after it, the
 downstream connection is cut), DC (the downstream went away), UPE 502 (upstream protocol error).
@@ -56,7 +59,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 import weakref
 from http import HTTPStatus
 from dataclasses import dataclass, field
@@ -65,6 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
+from tracemesh._h11io import READ_CHUNK
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.net import Addr
 from tracemesh.proxy._authz import DENIED_BODY, RBAC_FLAG, Authorizer
@@ -79,7 +82,10 @@ from tracemesh.proxy._recorder import (
 from tracemesh.proxy._resilience import Outcome, RetryPolicy
 from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router, Selection, ServiceState
 from tracemesh.proxy._tcp import RawEnd, TcpProxy, is_tcp_alpn, splice
-from tracemesh.proxy._tracecontext import TraceParent, new_span_id, new_trace_id, parse_traceparent
+from tracemesh.proxy._accesslog import AccessEntry
+from tracemesh.proxy._tracecontext import (
+    B3, B3_HEADERS, Incoming, TraceParent, extract, new_request_id, new_span_id, new_trace_id,
+)
 
 #: Request heads larger than this get 431 (Envoy's default max_request_headers_kb is 60).
 MAX_HEADER_BYTES = 64 * 1024
@@ -152,6 +158,32 @@ class _Span:
     message: str = ""
     req_bytes: int = 0
     resp_bytes: int = 0
+    trace_state: str = ""  # the caller's W3C tracestate, passed on and recorded
+    incoming: Incoming | None = None  # set when B3 headers came: they are replaced by ones naming this span
+    authority: str = ""  # for the access log
+
+
+#: The trace-context headers the sidecar replaces with its own (:func:`_context_headers`).
+CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate"}) | B3_HEADERS
+
+
+def _context_headers(span: _Span) -> list[tuple[bytes, bytes]]:
+    """What the next hop gets to continue the trace: ``traceparent`` naming *span*, the
+    ``tracestate`` received, and, when B3 came in, B3 headers of the same form(s) naming *span*
+    (as Envoy rewrites x-b3-* with its own span), so a B3-only app keeps a connected trace."""
+    out = [(b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode())]
+    if span.trace_state:
+        out.append((b"tracestate", span.trace_state.encode()))
+    inc = span.incoming
+    if inc is not None:
+        got = inc.b3
+        b3 = B3(span.trace_id, span.span_id, span.sampled, got is not None and got.debug, span.parent or None,
+                got is not None and got.short)
+        if inc.b3_single:
+            out.append((b"b3", b3.single().encode()))
+        if inc.b3_multi:
+            out += b3.multi()
+    return out
 
 
 @dataclass
@@ -192,14 +224,15 @@ async def _body_event(dconn: h11.Connection, dstream, before_wait=None):
 
 
 def _start_span(start_ns: int, headers: list) -> tuple[_Span, bytes]:
-    """The exchange's span, a child of the caller's ``traceparent`` (if any), and its request id:
-    the caller's ``x-request-id``, or a new one added to *headers*."""
-    tp = parse_traceparent((_header(headers, b"traceparent") or b"").decode("ascii", "replace"))
+    """The exchange's span, a child of the caller's context (``traceparent``, else B3: see
+    :func:`extract`), and its request id: the caller's ``x-request-id``, or a new one added to *headers*."""
+    ctx, request_id = extract(headers)
+    tp = ctx.parent
     span = _Span(start_ns, tp.trace_id if tp else new_trace_id(), new_span_id(), tp.span_id if tp else b"",
-                 tp.flags if tp else 0x01, tp.sampled if tp else True)
-    request_id = _header(headers, b"x-request-id")
+                 tp.flags if tp else int(ctx.sampled), ctx.sampled, trace_state=ctx.tracestate,
+                 incoming=ctx if ctx.b3_single or ctx.b3_multi else None)
     if not request_id:
-        request_id = str(uuid.uuid4()).encode()
+        request_id = new_request_id()
         headers.append((b"x-request-id", request_id))
     return span, request_id
 
@@ -269,6 +302,9 @@ class Sidecar:
     """The data path of one sidecar; :meth:`handle` serves one downstream connection."""
 
     metrics = None  # a tracemesh.proxy._metrics.MeshMetrics, set by _serve.py
+    access_log = None  # a tracemesh.proxy._accesslog.AccessLog, set by _serve.py (None: --access-log off)
+    #: how to speak to the app when the mesh config does not say: auto (as the client), http1, http2
+    app_protocol = "auto"
 
     def __init__(self, *, service: str, version: str, app: Addr, router: Router, recorder: SpanRecorder,
                  tls: MeshTls | None = None) -> None:
@@ -465,7 +501,9 @@ class Sidecar:
         if ua:
             a["user_agent.original"] = ua.decode("latin-1")
         claimed = _header(headers, PEER_HEADER)
-        headers = t.headers = [(k, v) for k, v in headers if k not in (PEER_HEADER, b"traceparent", XFCC_HEADER)]
+        headers = t.headers = [(k, v) for k, v in headers
+                               if k not in (PEER_HEADER, XFCC_HEADER) and k not in CONTEXT_HEADERS]
+        span.authority = authority
         a["mesh.connection_security_policy"] = peer.security
         if direction == "inbound":
             t.upstream = self.app
@@ -527,7 +565,7 @@ class Sidecar:
             a["mesh.upstream.endpoint"] = str(t.upstream)
         if authority:
             a["server.address"] = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-        headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
+        headers += _context_headers(span)
 
     def _security_to(self, service: str) -> Security:
         """mTLS to a destination whose mode is not DISABLE, when this sidecar has a certificate."""
@@ -543,9 +581,15 @@ class Sidecar:
         return Security(True, svc.identity if svc is not None else None)
 
     def _record(self, span: _Span, name: str, kind: int, t0: int) -> None:
+        """The one place a request ends: its RED metrics, access log record and span."""
+        duration_ns = time.perf_counter_ns() - t0
         if self.metrics is not None:  # RED metrics count every request, sampled or not
-            self.metrics.observe(span.attrs, (time.perf_counter_ns() - t0) / 1e9, span.req_bytes, span.resp_bytes,
+            self.metrics.observe(span.attrs, duration_ns / 1e9, span.req_bytes, span.resp_bytes,
                                  span.status, span.flag)
+        if self.access_log is not None:  # as are access logs; the span's attributes are final below
+            self.access_log.record(AccessEntry(span.start_ns, duration_ns, span.trace_id, span.span_id, span.flags,
+                                               span.attrs, span.status or 0, span.flag, span.req_bytes,
+                                               span.resp_bytes, span.authority))
         if not span.sampled:
             return
         a = span.attrs
@@ -569,7 +613,7 @@ class Sidecar:
         message = span.message if failed else ""
         end_ns = span.start_ns + (time.perf_counter_ns() - t0)
         self.recorder.record(SpanRecord(span.trace_id, span.span_id, span.parent, name, kind,
-                                        span.start_ns, end_ns, a, status, message))
+                                        span.start_ns, end_ns, a, status, message, span.trace_state))
 
     async def _outbound(self, dconn, dstream, req: h11.Request, headers, target: str, sel: Selection,
                         hash_key: str | None, span: _Span, security: Security, forward=None) -> None:
@@ -645,7 +689,16 @@ class Sidecar:
                        span: _Span, security: Security = PLAINTEXT, sel: Selection | None = None,
                        hash_key: str | None = None) -> None:
         """Send the request to *upstream*, or (outbound) to endpoints the router picks for *sel*,
-        retrying by the route's policy; relay the response."""
+        retrying by the route's policy; relay the response. An HTTP/2 next hop (by the config or
+        ``--app-protocol``, :mod:`._translate`) gets it translated instead."""
+        if self.router.config.services or self.app_protocol != "auto":
+            from tracemesh.proxy import _translate
+
+            if _translate.next_hop(self, _translate.H1, sel.service if sel is not None else None,
+                                   security.mtls) == _translate.H2 and _upgrade_token(headers) is None:
+                await _translate.h1_to_h2(self, dconn, dstream, req, headers, target, upstream, span, security,
+                                          sel, hash_key)
+                return
         chunked = _is_chunked(headers)
         length = _header(headers, b"content-length")
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
@@ -658,7 +711,10 @@ class Sidecar:
         if dconn.client_is_waiting_for_100_continue:
             # as Envoy does by default: answer 100 ourselves rather than relaying the upstream's
             await dstream.send_all(dconn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        out_req = h11.Request(method=req.method, target=target.encode("ascii"), headers=headers)
+        # _parsed: the headers are the parsed request's (checked by h11's parser) and our own (trace
+        # context, request id, peer, XFCC, Host), which are valid by construction; h11 still checks
+        # the method and the target
+        out_req = h11.Request(method=req.method, target=target.encode("ascii"), headers=headers, _parsed=True)
         route = sel.route if sel is not None else None
         timeout = route.timeout_s if route is not None and route.timeout_s else ROUTE_TIMEOUT_S
         deadline = trio.current_time() + timeout
@@ -758,7 +814,15 @@ class Sidecar:
 
     def _start_mirror(self, mirror, out_req: h11.Request, body: bytes, parent: _Span, route_timeout: float) -> None:
         """Send a copy of *out_req* to the mirror, fire-and-forget: never waited for, never failing
-        the request; dropped (counted) past MAX_MIRRORS in flight."""
+        the request; dropped (counted) past MAX_MIRRORS in flight. Over HTTP/2 when the mirror
+        service's next hop is (:mod:`._translate`)."""
+        svc = self.router.config.services.get(mirror.service)
+        if svc is not None and svc.ports:
+            from tracemesh.proxy import _translate
+
+            if _translate.mirror_version(self, mirror, _translate.H1) == _translate.H2:
+                _translate.start_h2_from_h1(self, mirror, out_req, body, parent, route_timeout)
+                return
         nursery = self._mirror_nursery
         if nursery is None or self.mirrors.active >= MAX_MIRRORS:
             self.mirrors.dropped += 1
@@ -771,7 +835,8 @@ class Sidecar:
         """One mirrored copy: its own CLIENT span (``mesh.mirror``), a child of the request's; the
         answer read and discarded. Bounded by *timeout*; cancelled with the sidecar."""
         t0 = time.perf_counter_ns()
-        span = _Span(time.time_ns(), parent.trace_id, new_span_id(), parent.span_id, parent.flags, parent.sampled)
+        span = _Span(time.time_ns(), parent.trace_id, new_span_id(), parent.span_id, parent.flags, parent.sampled,
+                     trace_state=parent.trace_state, incoming=parent.incoming)
         method = out_req.method.decode("ascii", "replace")
         target = out_req.target.decode("ascii", "replace")
         path, _, query = target.partition("?")
@@ -786,8 +851,9 @@ class Sidecar:
             a["mesh.destination.version"] = mirror.version
         host = _shadow_host(_header(out_req.headers, b"host") or mirror.service.encode())
         a["server.address"] = host.decode("latin-1")
-        headers = [(b"host", host)] + [(k, v) for k, v in out_req.headers if k not in (b"host", b"traceparent")]
-        headers.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
+        headers = [(b"host", host)] + [(k, v) for k, v in out_req.headers if k != b"host" and k not in CONTEXT_HEADERS]
+        headers += _context_headers(span)
+        span.authority = host.decode("latin-1")
         req = h11.Request(method=out_req.method, target=out_req.target, headers=headers)
         name = f"{method} {mirror.service}"
         uc = None
@@ -924,8 +990,12 @@ class Sidecar:
             raise _UpstreamGone(f"sending the request failed ({exc})") from None
         while True:
             try:
-                with trio.fail_at(deadline):
-                    ev = await _next_event(u, uc.stream, ROUTE_TIMEOUT_S + 3600)
+                # one cancel scope, not two (the deadline's and _next_event's own): the earlier of the two
+                with trio.fail_at(min(deadline, trio.current_time() + ROUTE_TIMEOUT_S + 3600)):
+                    ev = u.next_event()
+                    while ev is h11.NEED_DATA:
+                        u.receive_data(await uc.stream.receive_some(READ_CHUNK))
+                        ev = u.next_event()
             except trio.TooSlowError:
                 raise ProxyError(504, "UT", f"upstream request timeout: no response within {route_timeout:g}s"
                                  if route_timeout is not None else "upstream per-try timeout") from None
@@ -977,7 +1047,9 @@ class Sidecar:
         # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0
         headers = _forwardable(resp.headers)
         span.status = resp.status_code
-        out = dconn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
+        # _parsed: every header, the status and the reason came out of h11's parser, which checked
+        # them; h11 need not run its regexes over them again
+        out = dconn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason, _parsed=True))
         u = uc.h11
         # Coalesced as in _send_request: a small response that arrived in one read leaves in one send.
         while True:

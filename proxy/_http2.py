@@ -30,8 +30,10 @@ decreased by the time spent here. Retries read ``grpc-status`` of a trailers-onl
 (Istio's retryOn names). Spans carry ``rpc.system``, ``rpc.service``, ``rpc.method``,
 ``rpc.grpc.status_code``; metrics the ``grpc_response_status`` label.
 
-Not yet for HTTP/2: a route's ``mirror`` (HTTP/1.1's :meth:`Sidecar._forward` does it), an
-app-protocol setting (an HTTP/2 client means an HTTP/2 app).
+The next hop's HTTP version follows the client unless the config (a service's declared port
+protocol) or ``--app-protocol`` says otherwise; :mod:`._translate` then runs an attempt over
+HTTP/1.1 (``_Req.h1``), and a gRPC call that would need HTTP/1.1 is refused. A route's ``mirror``
+copies a stream as HTTP/1.1's does (:func:`._translate.mirror_from_h2`).
 
 **Hostile input.** h2 turns protocol errors into GOAWAY (we send it, then close); header lists
 over :data:`MAX_HEADER_BYTES` are a protocol error to h2 as well (ENHANCE_YOUR_CALM); a frame
@@ -69,6 +71,7 @@ import h2.settings
 import trio
 
 from tracemesh.net import Addr
+from tracemesh.proxy import _translate
 from tracemesh.proxy._http1 import (
     BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S, HOP_BY_HOP, IDLE_TIMEOUT_S, MAX_HEADER_BYTES, MAX_RETRY_BODY,
     ROUTE_TIMEOUT_S, ProxyError, _header, _Span, _start_span, _Target,
@@ -211,6 +214,18 @@ class _Stream:
     def put(self, item: tuple) -> None:
         self._tx.send_nowait(item)
 
+    def has_next(self) -> bool:
+        """An item is already here: :meth:`next` will not wait."""
+        return self._rx.statistics().current_buffer_used > 0
+
+    def next_nowait(self) -> tuple | None:
+        """The next item if one is already here, else None; a reset is returned as it is (the
+        caller raises it when it gets to it, as :meth:`next` would)."""
+        try:
+            return self._rx.receive_nowait()
+        except trio.WouldBlock:
+            return None
+
     def gone(self, code: int) -> None:
         if self.reset_code is None:
             self.reset_code = code
@@ -327,7 +342,9 @@ class H2Conn:
         if self.dead is not None:
             raise _Gone(CONNECTION_LOST, f"connection lost: {self.dead}")
 
-    async def send_headers(self, s: _Stream, headers, end: bool = False) -> None:
+    async def send_headers(self, s: _Stream, headers, end: bool = False, flush: bool = True) -> None:
+        """*flush* False: leave the frame queued for the next flush, which the caller is about to
+        make (one send for a head and the body after it, not one per frame)."""
         self._check(s)
         try:
             self.h2.send_headers(s.id, headers, end_stream=end)
@@ -335,11 +352,13 @@ class H2Conn:
             raise _Gone(CANCEL, "stream closed") from None
         s.headers_sent = True
         s.ended_local = end
-        await self.flush()
+        if flush:
+            await self.flush()
 
-    async def send_data(self, s: _Stream, data: bytes, end: bool = False) -> None:
+    async def send_data(self, s: _Stream, data: bytes, end: bool = False, flush: bool = True) -> None:
         """Send *data* as the peer's windows allow; waits (at most BODY_IDLE_TIMEOUT_S at a time,
-        then TooSlowError) for window updates."""
+        then TooSlowError) for window updates. *flush* False: the last frame stays queued for the
+        caller's next flush (frames that must wait for a window are always sent first)."""
         off = 0
         while True:
             self._check(s)
@@ -350,6 +369,8 @@ class H2Conn:
                     self.h2.send_data(s.id, data[off:off + n], end_stream=end and last)
                     off += n
                     s.ended_local = end and last
+                    if last and not flush:
+                        return
                     await self.flush()
                     if last:
                         return
@@ -357,6 +378,9 @@ class H2Conn:
             except h2.exceptions.StreamClosedError:
                 raise _Gone(CANCEL, "stream closed") from None
             window = self._window
+            # frames left queued (flush=False) must reach the peer before we wait for it to open the
+            # window: it opens it only for what it has received
+            await self.flush()
             with trio.fail_after(BODY_IDLE_TIMEOUT_S):
                 await window.wait()
 
@@ -559,6 +583,7 @@ class _Req:
     trailers: list | None = None
     failure: BaseException | None = None  # from the body pump
     pump: trio.CancelScope | None = None  # the current attempt's body pump
+    h1: bool = False  # the next hop speaks HTTP/1.1: attempts go through _translate.try_h1
 
     @property
     def replayable(self) -> bool:
@@ -643,7 +668,7 @@ class H2Server:
                 code = grpc_status_for(span.flag, status)
                 fault = t.sel.route.fault if t.sel is not None and t.sel.route is not None else None
                 fault_grpc = getattr(fault, "abort_grpc_status", None)
-                if "FI" in span.flag.split(",") and fault_grpc:
+                if "FI" in span.flag.split(",") and fault_grpc is not None:
                     code = fault_grpc
                 span.attrs["rpc.grpc.status_code"] = code  # the call's outcome, even if the client is gone
                 await self.conn.send_headers(ds, [
@@ -679,6 +704,12 @@ class H2Server:
         policy = route.retries if route is not None else None
         if policy is not None and policy.attempts <= 0:
             policy = None
+        dest = sel.service if sel is not None else None
+        req.h1 = _translate.next_hop(sc, _translate.H2, dest, security.mtls) == _translate.H1
+        if req.h1 and req.grpc:
+            raise _translate.grpc_refusal(dest, sc)
+        if route is not None and route.mirror is not None:
+            await _translate.mirror_from_h2(self, req, headers, target, route, span, timeout)
         state = sel.state if sel is not None else None
         tried: list = []
         retries = 0
@@ -737,6 +768,8 @@ class H2Server:
         """One attempt: its upstream stream, the request body pumped beside it, the response head;
         *decide* (given the attempt's Outcome) says whether a retry takes its place (True),
         else the response is relayed downstream."""
+        if req.h1:
+            return await _translate.try_h1(self, req, upstream, security, headers, target, span, deadline, why, decide)
         us: _Stream | None = None
         error: ProxyError | None = None
         try:
@@ -806,7 +839,10 @@ class H2Server:
                 us = _Stream(conn, conn.h2.get_next_available_stream_id())
                 conn.streams[us.id] = us
                 conn.idle_since = time.monotonic()
-                await conn.send_headers(us, out, end=body_done)
+                # the body pump sends right away what is already here (and the end or the trailers, once
+                # the body ended): the head can wait for its send; the pump may otherwise wait for the client
+                await conn.send_headers(us, out, end=body_done,
+                                        flush=body_done or not (req.ended or req.kept or req.ds.has_next()))
                 if not body_done:
                     req.pump = trio.CancelScope()
                     n.start_soon(self._pump, req.pump, req, us, span)
@@ -857,8 +893,8 @@ class H2Server:
                                 req.kept.append(data)
                             else:
                                 req.kept = None  # too big to send twice: no retry from now on
-                        try:
-                            await conn.send_data(us, data)
+                        try:  # flushed with what follows when that is already here
+                            await conn.send_data(us, data, flush=not req.ds.has_next())
                         finally:
                             req.ds.ack(n)
                             await self.conn.flush()
@@ -887,8 +923,11 @@ class H2Server:
         grpc = _header(resp, b"grpc-status")
         if grpc is not None and grpc.isdigit():
             span.attrs["rpc.grpc.status_code"] = int(grpc)
+        # What already arrived goes on in one send (a small response's head, body and end arrive
+        # in one read): a frame is flushed only when nothing more is waiting behind it.
+        nxt = None if ended else us.next_nowait()
         try:
-            await conn.send_headers(ds, out, end=ended)
+            await conn.send_headers(ds, out, end=ended, flush=nxt is None)
         except _Gone:
             raise
         if ended:
@@ -897,11 +936,21 @@ class H2Server:
         try:
             with trio.fail_at(limit):
                 while True:
-                    item = await us.next(BODY_IDLE_TIMEOUT_S)
+                    item, nxt = (nxt, None) if nxt is not None else (await us.next(BODY_IDLE_TIMEOUT_S), None)
+                    if item[0] == "reset":
+                        raise _Gone(item[1])
                     if item[0] == "data":
                         span.resp_bytes += len(item[1])
+                        nxt = us.next_nowait()
+                        if nxt is not None and nxt[0] == "end":
+                            # the last frame: the upstream is told first, so that the response's end
+                            # is our last act on the exchange, as it is when the end comes on its own
+                            us.ack(item[2])
+                            await us.conn.flush()
+                            await conn.send_data(ds, item[1], end=True)
+                            return
                         try:
-                            await conn.send_data(ds, item[1])
+                            await conn.send_data(ds, item[1], flush=nxt is None)
                         finally:
                             us.ack(item[2])
                             await us.conn.flush()

@@ -9,7 +9,7 @@ good config stays in force. With ``--control`` the config comes from the control
 (:mod:`tracemesh.proxy._control`): the sidecar waits for a first one (or its ``--control-cache``)
 for a bounded time before serving, and keeps the last good one while the control plane is away.
 SIGTERM/SIGINT: stop accepting, give open exchanges
-:data:`DRAIN_S` to finish, then flush queued spans for at most :data:`FLUSH_S`.
+:data:`DRAIN_S` to finish, then flush queued spans, metrics and access logs for at most :data:`FLUSH_S`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import trio
 from tracemesh import __version__
 from tracemesh.httpserve import serve_http
 from tracemesh.net import Addr
+from tracemesh.proxy._accesslog import DEFAULT_MODE as DEFAULT_ACCESS_LOG
+from tracemesh.proxy._accesslog import AccessLog, LogsExporter, StdoutWriter
 from tracemesh.proxy._admin import ConnectionStats, MetricsExporter, Readiness, admin_handler, sidecar_stats
 from tracemesh.proxy._config import ConfigError, MeshConfig, load_config
 from tracemesh.proxy._http1 import Sidecar
@@ -136,7 +138,8 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                 token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None,
                 worker: str | None = None, tcp_outbound: tuple[tuple[Addr, str], ...] = (),
                 tcp_inbound: tuple[tuple[Addr, Addr], ...] = (), control: Addr | None = None,
-                control_cache: str | None = None) -> int:
+                control_cache: str | None = None, app_protocol: str = "auto",
+                access_log: str = DEFAULT_ACCESS_LOG) -> int:
     if control is not None and config:
         raise UsageError("--control and --config are two sources of the mesh config; give one")
     if control_cache and control is None:
@@ -182,9 +185,15 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
     exporter = OTLPExporter(recorder, str(collector), resource, __version__)
     tls = MeshTls(creds, mode)
     sidecar = Sidecar(service=service, version=version, app=app, router=router, recorder=recorder, tls=tls)
+    sidecar.app_protocol = app_protocol  # the mesh config's declared protocol, when there is one, wins
     metrics = MeshMetrics()
     sidecar.metrics = metrics  # the data path calls metrics.observe() once per request
     metrics_exporter = MetricsExporter(metrics, str(collector), resource, __version__)
+    alog = log_exporter = None
+    if access_log != "off":  # one record per request and TCP connection, exported as spans are
+        alog = sidecar.access_log = sidecar.tcp.access_log = AccessLog()
+        log_exporter = (LogsExporter(alog, str(collector), resource, __version__) if access_log == "otlp"
+                        else StdoutWriter(alog))
     conn_stats = ConnectionStats()
     metrics.stats = sidecar_stats(recorder, tls, sidecar, conn_stats, metrics_exporter)
     readiness = Readiness(creds)
@@ -203,6 +212,8 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
         async with trio.open_nursery() as outer:
             await outer.start(exporter.run)
             await outer.start(metrics_exporter.run)
+            if log_exporter is not None:
+                await outer.start(log_exporter.run)
             await outer.start(sidecar.run)  # the task group of mirrored requests
             if admin_listeners:
                 await outer.start(serve_http, admin_listeners, admin_handler(metrics, readiness))
@@ -273,6 +284,8 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
             async with trio.open_nursery() as flushing:  # both bounded by FLUSH_S, side by side
                 flushing.start_soon(exporter.flush, FLUSH_S)
                 flushing.start_soon(metrics_exporter.flush, FLUSH_S)
+                if log_exporter is not None:
+                    flushing.start_soon(log_exporter.flush, FLUSH_S)
             outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -281,11 +294,17 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                 await sidecar.h2pool.aclose()
         exporter.close()
         metrics_exporter.close()
+        if log_exporter is not None:
+            log_exporter.close()
         if ca_client is not None:
             ca_client.close()
         s = recorder.stats
         print(f"tracemesh sidecar {service}/{version}: recorded {s.recorded} spans, exported {s.exported}, "
               f"dropped {s.dropped + s.export_dropped}", flush=True)
+        if alog is not None:
+            s = alog.stats
+            print(f"tracemesh sidecar {service}/{version}: access log ({access_log}): recorded {s.recorded} "
+                  f"records, exported {s.exported}, dropped {s.dropped + s.export_dropped}", flush=True)
         t = tls.stats
         if creds is not None:
             print(f"tracemesh sidecar {service}/{version}: mTLS {mode}: {t.handshakes} inbound handshakes, "
@@ -309,7 +328,8 @@ def serve(*, service: str, version: str, app: Addr, inbound: Addr, outbound: Add
           token_file: str | None = None, mtls: str | None = None, admin: Addr | None = None,
           workers: int = 1, worker: str | None = None, worker_argv: list[str] | None = None,
           tcp_outbound: tuple[tuple[Addr, str], ...] = (), tcp_inbound: tuple[tuple[Addr, Addr], ...] = (),
-          control: Addr | None = None, control_cache: str | None = None) -> int:
+          control: Addr | None = None, control_cache: str | None = None, app_protocol: str = "auto",
+          access_log: str = DEFAULT_ACCESS_LOG) -> int:
     """``workers`` > 1: this process supervises that many workers (:mod:`tracemesh.proxy._workers`),
     started with ``worker_argv`` (the user's flags less the supervisor's own) and ``--as-worker``;
     ``worker`` (``INDEX:DIR``, from ``--as-worker``): this process is one of them."""
@@ -327,7 +347,8 @@ def serve(*, service: str, version: str, app: Addr, inbound: Addr, outbound: Add
         return trio.run(partial(_main, service, version, app, inbound, outbound, collector, config,
                                 identity, token, token_file, mtls, admin, worker,
                                 tcp_outbound=tuple(tcp_outbound), tcp_inbound=tuple(tcp_inbound),
-                                control=control, control_cache=control_cache))
+                                control=control, control_cache=control_cache, app_protocol=app_protocol,
+                                access_log=access_log))
     except UsageError as exc:
         print(f"tracemesh sidecar: {exc}", file=sys.stderr)
         return 2

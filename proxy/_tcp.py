@@ -39,7 +39,8 @@ endpoint, ``NR`` unknown service, ``UT`` idle timeout, ``UC``/``DC`` the upstrea
 reset mid-stream, ``RBAC`` denied by an authorization policy: inbound connections are judged as
 Istio judges TCP, see :mod:`tracemesh.proxy._authz`) and the mesh attributes of HTTP spans.
 There is no trace context in opaque bytes, so each span starts a trace. Istio's TCP metrics count
-opened and closed connections, and bytes as they flow.
+opened and closed connections, and bytes as they flow; each connection also gets one access log
+record (:mod:`._accesslog`) naming its span.
 
 Cancellation: cancelling a connection task closes both connections (shielded, within
 :data:`CLOSE_TIMEOUT_S`, then forcefully) and still records its span and its closed count.
@@ -56,6 +57,7 @@ import trio
 
 from tracemesh.identity import PeerIdentityError, authenticate_peer
 from tracemesh.net import Addr
+from tracemesh.proxy._accesslog import AccessEntry
 from tracemesh.proxy._authz import DENIED_BODY, RBAC_FLAG, Authorizer
 from tracemesh.proxy._authz import Request as AuthzRequest
 from tracemesh.proxy._config import DEFAULT_MTLS, MTLS_DISABLE, MTLS_PERMISSIVE, MTLS_STRICT
@@ -289,6 +291,7 @@ class TcpProxy:
     one downstream connection and close it."""
 
     metrics = None  # a tracemesh.proxy._metrics.MeshMetrics, set by _serve.py
+    access_log = None  # a tracemesh.proxy._accesslog.AccessLog, set by _serve.py
 
     def __init__(self, *, service: str, version: str, router: Router, recorder: SpanRecorder,
                  tls: MeshTls | None = None, authorizer: Callable[[], Authorizer] | None = None) -> None:
@@ -497,9 +500,13 @@ class TcpProxy:
                 c.series.opened += 1
             c.series.closed += 1
         failed = c.flag not in ("-", "DC", RBAC_FLAG)  # a policy's denial is the mesh working
-        end_ns = c.start_ns + (time.perf_counter_ns() - c.t0)
-        self.recorder.record(SpanRecord(new_trace_id(), new_span_id(), b"", c.name, c.kind, c.start_ns, end_ns, a,
-                                        STATUS_ERROR if failed else STATUS_UNSET, c.message if failed else ""))
+        duration_ns = time.perf_counter_ns() - c.t0
+        trace_id, span_id = new_trace_id(), new_span_id()
+        if self.access_log is not None:  # one record per connection, linked to its span
+            self.access_log.record(AccessEntry(c.start_ns, duration_ns, trace_id, span_id, 0x01, a, 0, c.flag,
+                                               c.received, c.sent, ""))
+        self.recorder.record(SpanRecord(trace_id, span_id, b"", c.name, c.kind, c.start_ns, c.start_ns + duration_ns,
+                                        a, STATUS_ERROR if failed else STATUS_UNSET, c.message if failed else ""))
 
 
 class _ConnectFailed(Exception):

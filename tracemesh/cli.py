@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--service", required=True, help="the workload's service name")
     s.add_argument("--version", default="v1", help="the workload's version label (default: %(default)s)")
     s.add_argument("--app", type=_addr, required=True, help="HOST:PORT of the local app")
+    s.add_argument("--app-protocol", choices=("auto", "http1", "http2"), default="auto",
+                   help="how the inbound side speaks to the app when the mesh config declares no protocol for "
+                        "the service's port: auto (as the client did), http1 or http2 (h2c); the config's "
+                        "ports[].protocol wins (default: %(default)s)")
     s.add_argument("--inbound", type=_addr, required=True, help="listen address that fronts the app")
     s.add_argument("--outbound", type=_addr, required=True, help="listen address for the app's outgoing calls")
     s.add_argument("--collector", type=_addr, required=True, help="collector OTLP/gRPC address")
@@ -116,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="opaque TCP: listen on LISTEN (HOST:PORT; plaintext or mTLS by --mtls) and pipe each "
                         "connection to the app's PORT or HOST:PORT (repeatable; with exactly one, mTLS connections "
                         "of the mesh's TCP ALPN on --inbound go to it too)")
+    s.add_argument("--access-log", choices=("otlp", "stdout", "off"), default="otlp",
+                   help="one access log record per request and TCP connection (Envoy's fields, with the "
+                        "request's trace and span ids): otlp to the collector (otel_logs), stdout as JSON lines, "
+                        "or off (default: %(default)s)")
     # INDEX:DIR, set by the supervisor of --workers on the command lines of its workers
     s.add_argument("--as-worker", dest="worker", default=None, help=argparse.SUPPRESS)
 
@@ -206,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             worker=args.worker,
             control=args.control,
             control_cache=args.control_cache,
+            app_protocol=args.app_protocol,
+            access_log=args.access_log,
             worker_argv=_worker_argv(parser, "sidecar", sys.argv[1:] if argv is None else argv)
             if args.workers > 1 and args.worker is None else None,
         )
