@@ -298,6 +298,59 @@ def _is_chunked(headers) -> bool:
     return te is not None and te.strip().lower().endswith(b"chunked")
 
 
+async def _acquire(sc, upstream: Addr, security: Security, span: _Span) -> UpstreamConn:
+    """A kept-alive or new connection of *sc*'s pool to *upstream*, its mTLS identities on *span*;
+    ProxyError 503 UF when none can be opened."""
+    try:
+        uc = await sc.pool.acquire(upstream, security)
+    except ConnectError as exc:
+        raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
+    if uc.peer is not None:
+        span.attrs["mesh.connection_security_policy"] = "mutual_tls"
+        span.attrs["mesh.source.principal"] = str(sc.tls.identity)  # what the upstream verified
+        span.attrs["mesh.destination.principal"] = str(uc.peer)
+    return uc
+
+
+async def _send_request_bytes(uc, data: bytes) -> None:
+    """Send *data* of a request on the upstream connection *uc*; an upstream that stops reading
+    for BODY_IDLE_TIMEOUT_S is a 504 UT. Cancelled or failed, part of *data* may have gone."""
+    try:
+        with trio.fail_after(BODY_IDLE_TIMEOUT_S):
+            await uc.stream.send_all(data)
+    except trio.TooSlowError:
+        raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
+
+
+def _mirror_attrs(sc, span: _Span, mirror, method: str, target: str, version: str) -> dict:
+    """Put on a mirrored copy's CLIENT span of *sc* what is known before its endpoint is picked;
+    return the span's attributes. *version* is the HTTP version the copy is sent in."""
+    path, _, query = target.partition("?")
+    a = span.attrs
+    a.update({"http.request.method": method, "url.path": path, "url.scheme": "http",
+              "network.protocol.version": version, "mesh.direction": "outbound", "mesh.mirror": True,
+              "mesh.source.service": sc.service, "mesh.source.version": sc.version,
+              "mesh.destination.service": mirror.service, "peer.service": mirror.service})
+    if query:
+        a["url.query"] = query
+    if mirror.version is not None:
+        a["mesh.destination.version"] = mirror.version
+    return a
+
+
+def _mirror_endpoint(sc, mirror, a: dict):
+    """The endpoint a mirrored copy goes to, put on its span's attributes *a*; ProxyError 503 UH
+    when the mirror service has none."""
+    try:
+        sel = sc.router.subset(mirror.service, mirror.version)
+        ep = sc.router.endpoint(sel)
+    except (NoRoute, NoHealthyUpstream) as exc:  # a config reload took the service away
+        raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
+    a["mesh.upstream.endpoint"] = str(ep.address)
+    a["mesh.destination.version"] = ep.version
+    return ep
+
+
 class Sidecar:
     """The data path of one sidecar; :meth:`handle` serves one downstream connection."""
 
@@ -838,17 +891,7 @@ class Sidecar:
         span = _Span(time.time_ns(), parent.trace_id, new_span_id(), parent.span_id, parent.flags, parent.sampled,
                      trace_state=parent.trace_state, incoming=parent.incoming)
         method = out_req.method.decode("ascii", "replace")
-        target = out_req.target.decode("ascii", "replace")
-        path, _, query = target.partition("?")
-        a = span.attrs
-        a.update({"http.request.method": method, "url.path": path, "url.scheme": "http",
-                  "network.protocol.version": "1.1", "mesh.direction": "outbound", "mesh.mirror": True,
-                  "mesh.source.service": self.service, "mesh.source.version": self.version,
-                  "mesh.destination.service": mirror.service, "peer.service": mirror.service})
-        if query:
-            a["url.query"] = query
-        if mirror.version is not None:
-            a["mesh.destination.version"] = mirror.version
+        a = _mirror_attrs(self, span, mirror, method, out_req.target.decode("ascii", "replace"), "1.1")
         host = _shadow_host(_header(out_req.headers, b"host") or mirror.service.encode())
         a["server.address"] = host.decode("latin-1")
         headers = [(b"host", host)] + [(k, v) for k, v in out_req.headers if k != b"host" and k not in CONTEXT_HEADERS]
@@ -859,13 +902,7 @@ class Sidecar:
         uc = None
         try:
             with trio.fail_after(timeout):
-                try:
-                    sel = self.router.subset(mirror.service, mirror.version)
-                    ep = self.router.endpoint(sel)
-                except (NoRoute, NoHealthyUpstream) as exc:  # a config reload took the service away
-                    raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
-                a["mesh.upstream.endpoint"] = str(ep.address)
-                a["mesh.destination.version"] = ep.version
+                ep = _mirror_endpoint(self, mirror, a)
                 security = self._security_to(mirror.service)
                 for attempt in (1, 2):  # a stale kept-alive connection is replaced once, as in _attempt
                     try:
@@ -930,14 +967,7 @@ class Sidecar:
         """One try: a connection (a stale kept-alive one is replaced once), the request, the response
         head. Returns (response head, connection); ProxyError when it failed."""
         for attempt in (1, 2):
-            try:
-                uc = await self.pool.acquire(upstream, security)
-            except ConnectError as exc:
-                raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
-            if uc.peer is not None:
-                span.attrs["mesh.connection_security_policy"] = "mutual_tls"
-                span.attrs["mesh.source.principal"] = str(self.tls.identity)  # what the upstream verified
-                span.attrs["mesh.destination.principal"] = str(uc.peer)
+            uc = await _acquire(self, upstream, security, span)
             try:
                 return await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline,
                                                 body, route_timeout), uc
@@ -966,11 +996,7 @@ class Sidecar:
             nonlocal pending
             if pending:
                 data, pending = pending, b""
-                try:
-                    with trio.fail_after(BODY_IDLE_TIMEOUT_S):
-                        await uc.stream.send_all(data)
-                except trio.TooSlowError:
-                    raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
+                await _send_request_bytes(uc, data)
 
         try:
             while body is None and dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read

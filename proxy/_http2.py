@@ -589,6 +589,24 @@ class _Req:
     def replayable(self) -> bool:
         return self.kept is not None
 
+    async def next_item(self):
+        """The next item of the request stream's inbox; a body stalled past BODY_IDLE_TIMEOUT_S is
+        the downstream's fault (408 DC). Cancellation leaves the inbox as it was."""
+        try:
+            return await self.ds.next(BODY_IDLE_TIMEOUT_S)
+        except trio.TooSlowError:
+            raise ProxyError(408, "DC", "request body stalled") from None
+
+    def keep(self, data: bytes) -> None:
+        """Keep *data* for a retry while the body so far fits MAX_RETRY_BODY; past it, keep nothing
+        (too big to send twice: no retry from now on)."""
+        if self.kept is not None:
+            self.kept_size += len(data)
+            if self.kept_size <= MAX_RETRY_BODY:
+                self.kept.append(data)
+            else:
+                self.kept = None
+
 
 class H2Server:
     """The HTTP/2 side of one downstream connection of *sidecar*: one exchange per stream."""
@@ -880,19 +898,11 @@ class H2Server:
                 for chunk in list(req.kept or ()):
                     await conn.send_data(us, chunk)
                 while not req.ended:
-                    try:
-                        item = await req.ds.next(BODY_IDLE_TIMEOUT_S)
-                    except trio.TooSlowError:
-                        raise ProxyError(408, "DC", "request body stalled") from None
+                    item = await req.next_item()
                     if item[0] == "data":
                         data, n = item[1], item[2]
                         span.req_bytes += len(data)
-                        if req.kept is not None:
-                            req.kept_size += len(data)
-                            if req.kept_size <= MAX_RETRY_BODY:
-                                req.kept.append(data)
-                            else:
-                                req.kept = None  # too big to send twice: no retry from now on
+                        req.keep(data)
                         try:  # flushed with what follows when that is already here
                             await conn.send_data(us, data, flush=not req.ds.has_next())
                         finally:

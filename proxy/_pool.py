@@ -56,6 +56,18 @@ class ConnectError(Exception):
     """Could not open a TCP connection to the upstream (Envoy's UF)."""
 
 
+async def open_tcp(addr: Addr, deadline: float) -> trio.SocketStream:
+    """A TCP connection to *addr* by *deadline* (trio time; the connect budget is
+    :data:`CONNECT_TIMEOUT_S`); ConnectError when it times out or is refused."""
+    try:
+        with trio.fail_at(deadline):
+            return await trio.open_tcp_stream(addr.host, addr.port)
+    except trio.TooSlowError:
+        raise ConnectError(f"connect to {addr} timed out after {CONNECT_TIMEOUT_S:.0f}s") from None
+    except OSError as exc:
+        raise ConnectError(f"connect to {addr} failed: {exc.strerror or exc}") from None
+
+
 class Pool:
     """``tls`` (a :class:`tracemesh.proxy._mtls.MeshTls`) runs the client handshake of mTLS
     connections; without it only plaintext connections can be made."""
@@ -87,13 +99,7 @@ class Pool:
         """A new connection to *addr*: TCP, then for mTLS the handshake (offering *alpn*) and the
         peer check, all within :data:`CONNECT_TIMEOUT_S`; (stream, peer identity). ConnectError."""
         deadline = trio.current_time() + CONNECT_TIMEOUT_S
-        try:
-            with trio.fail_at(deadline):
-                stream = await trio.open_tcp_stream(addr.host, addr.port)
-        except trio.TooSlowError:
-            raise ConnectError(f"connect to {addr} timed out after {CONNECT_TIMEOUT_S:.0f}s") from None
-        except OSError as exc:
-            raise ConnectError(f"connect to {addr} failed: {exc.strerror or exc}") from None
+        stream = await open_tcp(addr, deadline)
         peer = None
         if security.mtls:
             from tracemesh.proxy._mtls import UpstreamTlsError

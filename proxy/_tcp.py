@@ -63,7 +63,7 @@ from tracemesh.proxy._authz import Request as AuthzRequest
 from tracemesh.proxy._config import DEFAULT_MTLS, MTLS_DISABLE, MTLS_PERMISSIVE, MTLS_STRICT
 from tracemesh.proxy._mtls import PLAINTEXT as PLAINTEXT_PEER
 from tracemesh.proxy._mtls import TCP_ALPN, MeshTls, Peer
-from tracemesh.proxy._pool import CONNECT_TIMEOUT_S
+from tracemesh.proxy._pool import CONNECT_TIMEOUT_S, ConnectError, open_tcp
 from tracemesh.proxy._recorder import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, SpanRecord, SpanRecorder
 from tracemesh.proxy._resilience import Outcome
 from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router
@@ -343,9 +343,7 @@ class TcpProxy:
             c.flag, c.message = "DC", "sidecar shutting down"
             raise
         finally:
-            await _close(upstream)
-            await _close(stream)
-            self._record(c)
+            await self._finish(c, upstream, stream)
 
     async def _connect(self, addr: Addr, service: str, c: _Conn):
         """A connection to *addr*: (stream, framed). mTLS with TCP_ALPN by the service's mode."""
@@ -358,12 +356,9 @@ class TcpProxy:
         c.attrs["mesh.connection_security_policy"] = "mutual_tls" if mtls else "none"
         deadline = trio.current_time() + CONNECT_TIMEOUT_S
         try:
-            with trio.fail_at(deadline):
-                tcp = await trio.open_tcp_stream(addr.host, addr.port)
-        except trio.TooSlowError:
-            raise _ConnectFailed(f"connect to {addr} timed out after {CONNECT_TIMEOUT_S:.0f}s") from None
-        except OSError as exc:
-            raise _ConnectFailed(f"connect to {addr} failed: {exc.strerror or exc}") from None
+            tcp = await open_tcp(addr, deadline)
+        except ConnectError as exc:
+            raise _ConnectFailed(str(exc)) from None
         if not mtls:
             return tcp, False
         expected = svc.identity if svc is not None else None
@@ -462,11 +457,15 @@ class TcpProxy:
             c.flag, c.message = "DC", "sidecar shutting down"
             raise
         finally:
-            await _close(upstream)
-            await _close(stream)
-            self._record(c)
+            await self._finish(c, upstream, stream)
 
     # -- both ---------------------------------------------------------------------------------
+
+    async def _finish(self, c: _Conn, upstream, stream) -> None:
+        """Close both ends of *c* (each shielded and bounded by CLOSE_TIMEOUT_S), then record it."""
+        await _close(upstream)
+        await _close(stream)
+        self._record(c)
 
     async def _pipe(self, c: _Conn, down, up) -> None:
         if self.metrics is not None:

@@ -44,14 +44,13 @@ import trio
 
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.proxy._http1 import (
-    BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ROUTE_TIMEOUT_S, ProxyError,
-    _body_event, _DownstreamCut, _DownstreamGone, _forwardable, _header, _is_chunked, _shadow_host, _Span,
-    _UpstreamGone,
+    BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ROUTE_TIMEOUT_S, ProxyError, _acquire,
+    _body_event, _DownstreamCut, _DownstreamGone, _forwardable, _header, _is_chunked, _mirror_attrs, _mirror_endpoint,
+    _send_request_bytes, _shadow_host, _Span, _UpstreamGone,
 )
 from tracemesh.proxy._pool import PLAINTEXT, ConnectError
 from tracemesh.proxy._recorder import KIND_CLIENT
 from tracemesh.proxy._resilience import Outcome
-from tracemesh.proxy._router import NoHealthyUpstream, NoRoute
 from tracemesh.proxy._tracecontext import TraceParent, new_span_id
 
 log = logging.getLogger("tracemesh.sidecar.translate")
@@ -166,14 +165,7 @@ async def try_h1(server, req, upstream, security, headers, target: str, span: _S
 async def _h1_open(server, req, upstream, security, headers, target: str, span: _Span, deadline: float, why: str):
     sc = server.sc
     for attempt in (1, 2):
-        try:
-            uc = await sc.pool.acquire(upstream, security)
-        except ConnectError as exc:
-            raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
-        if uc.peer is not None:
-            span.attrs["mesh.connection_security_policy"] = "mutual_tls"
-            span.attrs["mesh.source.principal"] = str(sc.tls.identity)
-            span.attrs["mesh.destination.principal"] = str(uc.peer)
+        uc = await _acquire(sc, upstream, security, span)
         framing = []
         if _header(headers, b"content-length") is None and not (req.ended and not req.kept_size):
             framing = [(b"transfer-encoding", b"chunked")]
@@ -207,10 +199,7 @@ async def _h1_send(server, req, uc, out: h11.Request, span: _Span) -> None:
         if pending:
             data, pending = pending, b""
             try:
-                with trio.fail_after(BODY_IDLE_TIMEOUT_S):
-                    await uc.stream.send_all(data)
-            except trio.TooSlowError:
-                raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
+                await _send_request_bytes(uc, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _UpstreamGone(f"sending the request failed ({exc})") from None
 
@@ -220,19 +209,11 @@ async def _h1_send(server, req, uc, out: h11.Request, span: _Span) -> None:
             await flush()
     while not req.ended:
         await flush()
-        try:
-            item = await req.ds.next(BODY_IDLE_TIMEOUT_S)
-        except trio.TooSlowError:
-            raise ProxyError(408, "DC", "request body stalled") from None
+        item = await req.next_item()
         if item[0] == "data":
             data, n = item[1], item[2]
             span.req_bytes += len(data)
-            if req.kept is not None:
-                req.kept_size += len(data)
-                if req.kept_size <= MAX_RETRY_BODY:
-                    req.kept.append(data)
-                else:
-                    req.kept = None
+            req.keep(data)
             if data:
                 pending += u.send(h11.Data(data=data))
             try:
@@ -471,10 +452,7 @@ async def mirror_from_h2(server, req, headers, target: str, route, span: _Span, 
             sc.mirrors.skipped += 1
             return
         while not req.ended:
-            try:
-                item = await req.ds.next(BODY_IDLE_TIMEOUT_S)
-            except trio.TooSlowError:
-                raise ProxyError(408, "DC", "request body stalled") from None
+            item = await req.next_item()
             if item[0] == "data":
                 span.req_bytes += len(item[1])
                 req.kept_size += len(item[1])
@@ -530,29 +508,14 @@ async def _mirror_one_h2(sc, mirror, method: bytes, target: str, authority: byte
     t0 = time.perf_counter_ns()
     span = _Span(time.time_ns(), parent.trace_id, new_span_id(), parent.span_id, parent.flags, parent.sampled)
     m = method.decode("ascii", "replace")
-    path, _, query = target.partition("?")
-    a = span.attrs
-    a.update({"http.request.method": m, "url.path": path, "url.scheme": "http",
-              "network.protocol.version": H2, "mesh.direction": "outbound", "mesh.mirror": True,
-              "mesh.source.service": sc.service, "mesh.source.version": sc.version,
-              "mesh.destination.service": mirror.service, "peer.service": mirror.service})
-    if query:
-        a["url.query"] = query
-    if mirror.version is not None:
-        a["mesh.destination.version"] = mirror.version
+    a = _mirror_attrs(sc, span, mirror, m, target, H2)
     host = _shadow_host(authority)
     a["server.address"] = host.decode("latin-1")
     name = f"{m} {mirror.service}"
     us = None
     try:
         with trio.fail_after(timeout):
-            try:
-                sel = sc.router.subset(mirror.service, mirror.version)
-                ep = sc.router.endpoint(sel)
-            except (NoRoute, NoHealthyUpstream) as exc:
-                raise ProxyError(503, "UH", f"no healthy upstream: {exc}") from None
-            a["mesh.upstream.endpoint"] = str(ep.address)
-            a["mesh.destination.version"] = ep.version
+            ep = _mirror_endpoint(sc, mirror, a)
             security = sc._security_to(mirror.service)
             pool = getattr(sc, "h2pool", None)
             if pool is None:

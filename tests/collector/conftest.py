@@ -8,7 +8,6 @@ that needs a second opener runs in a subprocess.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, Instr
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from tracemesh.net import free_port
+from collector_proc import CollectorProcess
 
-#: Startup of a collector: import, open chdb, create the schema. ~1 s here; generous for slow CI.
-START_TIMEOUT_S = 60.0
+from tracemesh.net import free_port
 
 
 # -- OTLP builders -------------------------------------------------------------------------------
@@ -97,7 +95,7 @@ def chdb_dir(tmp_path_factory) -> Path:
 # -- a real collector process --------------------------------------------------------------------
 
 
-class Collector:
+class Collector(CollectorProcess):
     """``tracemesh collector`` as a subprocess on free loopback ports, its output in a file."""
 
     def __init__(self, cmd: list[str], store: Path, log: Path, otlp_http: bool = False, extra: tuple[str, ...] = ()) -> None:
@@ -117,41 +115,8 @@ class Collector:
                  "--otlp-http", http_addr, "--api", f"127.0.0.1:{self.api_port}", *self.extra],
                 stdout=out, stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.api_url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"collector not ready after {START_TIMEOUT_S}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait: the graceful path (receiver stops, pipeline drains, store closes)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.wait_http_ready()
+        return self
 
     # -- the query API, through a real HTTP client --
 

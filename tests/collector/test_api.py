@@ -15,6 +15,7 @@ import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from rawio import read_until_closed
 
 from tracemesh.httpserve import HEADER_TIMEOUT_S, MAX_BODY_BYTES, MAX_HEADER_BYTES
 
@@ -55,13 +56,7 @@ def raw_http(collector, data: bytes, timeout: float = 5.0) -> bytes:
             s.sendall(data)
         except OSError:
             pass  # the server may answer and close before it read everything
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-        return out
+        return read_until_closed(s)
 
 
 def status_of(response: bytes) -> int:

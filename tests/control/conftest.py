@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from collector_proc import CollectorProcess
 
 from tracemesh.net import free_port
 
-#: Import, open chdb, create the schema: ~2 s here; generous for a loaded 2-core machine.
-START_TIMEOUT_S = 60.0
 
-
-class Collector:
+class Collector(CollectorProcess):
     """``tracemesh collector`` on free loopback ports with its own store and config history."""
 
     def __init__(self, cmd: list[str], store: Path, log: Path, control_dir: Path | None = None) -> None:
@@ -37,40 +33,8 @@ class Collector:
 
     def start(self) -> "Collector":
         self.popen()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.api_url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"collector not ready after {START_TIMEOUT_S}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.wait_http_ready()
+        return self
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
+from collector_proc import wait_ready  # noqa: E402
 from sidecar_harness import SidecarProc, Upstream, distinct_ports  # noqa: E402,F401
 
 from tracemesh._proc import DIE_WITH_PARENT  # noqa: E402
 from tracemesh.net import Addr, free_port  # noqa: E402
-
-START_TIMEOUT_S = 60.0
-
 
 class ControlCollector:
     """``tracemesh collector`` with config distribution on a free port (and a short endpoint grace)."""
@@ -46,19 +44,8 @@ class ControlCollector:
                "--control", str(self.control), "--endpoint-grace", str(self.grace_s), *self.extra]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.get("/ready", raw=True) == b"ready\n" and "config distribution" in self.output():
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"collector not ready in {START_TIMEOUT_S}s:\n{self.output()}")
-            time.sleep(0.05)
+        wait_ready(self, lambda: self.get("/ready", raw=True) == b"ready\n" and "config distribution" in self.output())
+        return self
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -29,6 +29,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from rawio import read_until_closed  # noqa: F401 (theirs too, for the tests of this folder)
+
 from tracemesh._proc import DIE_WITH_PARENT
 from tracemesh.net import Addr, free_port, wait_for_port
 
@@ -339,6 +341,46 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class StatusApp:
+    """An app that answers every request (GET, POST) with one empty *status* response and counts
+    the requests; :meth:`hold` runs before each answer (a subclass makes the app hang there)."""
+
+    def __init__(self, status: int) -> None:
+        app = self
+        self.hits = 0
+        self.status = status  # a test may heal (or break) the app while it runs
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with app._lock:
+                    app.hits += 1
+                app.hold()
+                self.send_response(app.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.addr = Addr("127.0.0.1", self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def hold(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Upstream:
     """A real HTTP/1.1 app (stdlib ThreadingHTTPServer) in a thread of the test process.
 
@@ -547,18 +589,15 @@ def raw_exchange(addr: Addr, data: bytes, timeout: float = 5.0) -> bytes:
         return read_until_closed(s)
 
 
-def read_until_closed(s: socket.socket, timeout: float | None = None) -> bytes:
-    """All that *s* delivers until the peer closes or resets it, or a read waits *timeout* (the
-    socket's own timeout if None)."""
-    if timeout is not None:
-        s.settimeout(timeout)
-    out = b""
-    try:
-        while chunk := s.recv(65536):
-            out += chunk
-    except (socket.timeout, ConnectionResetError):
-        pass
-    return out
+def run_load(threads: list[threading.Thread], seconds: float, stop: threading.Event, join_s: float = 15.0) -> None:
+    """Start *threads* (load loops that end once *stop* is set), let them run *seconds*, set *stop*
+    and wait for each (at most *join_s*)."""
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(join_s)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import re
 import socket
 
 from hypothesis import HealthCheck, given, settings, strategies as st
+from rawio import read_until_closed
 
 _TEMPLATES = [
     b"GET /items/lamp?x=1 HTTP/1.1\r\nHost: direct\r\nUser-Agent: fuzz\r\n\r\n",
@@ -46,13 +47,7 @@ def _exchange(addr, data: bytes) -> bytes:
             s.shutdown(socket.SHUT_WR)  # end of input: an incomplete request must not wait out the header timeout
         except OSError:
             pass  # the sidecar may already have refused and closed
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-        return out
+        return read_until_closed(s)
 
 
 @given(_mutated(), st.booleans())

@@ -12,53 +12,30 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sidecar_harness import SidecarProc, Upstream, write_mesh
+from sidecar_harness import SidecarProc, StatusApp, Upstream, write_mesh
 
 from tracemesh.net import Addr, free_port
 from tracemesh.proxy._http1 import MAX_MIRRORS
 
 
-class HeldApp:
+class HeldApp(StatusApp):
     """Answers every request only once :attr:`release` is set (or after 30 s): a mirror that hangs."""
 
     def __init__(self) -> None:
-        app = self
         self.release = threading.Event()
-        self.hits = 0
-        self._lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with app._lock:
-                    app.hits += 1
-                app.release.wait(30)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        super().__init__(200)
         self.server.request_queue_size = 128
-        self.addr = Addr("127.0.0.1", self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def hold(self) -> None:
+        self.release.wait(30)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def ep(addr, version="v1"):

@@ -28,7 +28,7 @@ from mtls_helpers import (
     tls_context,
     write_cred,
 )
-from sidecar_harness import SidecarProc, Upstream, distinct_ports, sidecar_cmd, start_all, write_mesh
+from sidecar_harness import SidecarProc, Upstream, distinct_ports, run_load, sidecar_cmd, start_all, write_mesh
 
 from tracemesh.collector._ca import MeshCA
 from tracemesh.identity import generate_key, make_csr, private_key_pem
@@ -404,12 +404,7 @@ def test_workload_certificate_rotation_under_load_fails_no_request(tmp_path):
         start_all([catalog, frontend])
         threads = [threading.Thread(target=f, daemon=True) for f in (via_frontend, via_frontend, new_handshakes,
                                                                      new_handshakes)]
-        for t in threads:
-            t.start()
-        time.sleep(LOAD_S)
-        stop.set()
-        for t in threads:
-            t.join(15)
+        run_load(threads, LOAD_S, stop)
         assert errors == [], errors[:5]
         assert stats["failed"] == 0 and stats["ok"] > 100, stats
         assert len(serials) >= 3, f"the catalog sidecar presented {len(serials)} certificates during the run"

@@ -11,48 +11,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sidecar_harness import SidecarProc, Upstream, write_mesh
+from sidecar_harness import SidecarProc, StatusApp, Upstream, write_mesh
 
-from tracemesh.net import Addr
-
-
-class StatusApp:
-    """An app that answers every request with one status (and counts the requests)."""
-
-    def __init__(self, status: int) -> None:
-        app = self
-        self.hits = 0
-        self.status = status  # a test may heal (or break) the app while it runs
-        self._lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with app._lock:
-                    app.hits += 1
-                self.send_response(app.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.addr = Addr("127.0.0.1", self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def ep(addr, version="v1"):

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 from mtls_helpers import MeshCaEnv, sid
-from sidecar_harness import SidecarProc, Upstream, start_all, write_mesh
+from sidecar_harness import SidecarProc, Upstream, serving, start_all, write_mesh
 
 from tracemesh.net import Addr
 
@@ -71,11 +71,11 @@ def ws_mesh(otlp, tmp_path_factory):
     work = tmp_path_factory.mktemp("upgrade")
     app, http_app = WsApp(), Upstream("plainhttp")
     scs = []
-    try:
+    with serving(scs, app, http_app):
         cfg = work / "mesh.yaml"
         server = SidecarProc(work, "wsapp", app.addr, otlp.addr)
         client = SidecarProc(work, "wsclient", http_app.addr, otlp.addr, config=cfg)
-        scs = [server, client]
+        scs += [server, client]
         write_mesh(cfg, {"services": {
             "wsapp": {"endpoints": [{"address": str(server.inbound)}], "mtls": "disable"},
             "wsdirect": {"endpoints": [{"address": str(app.addr)}], "mtls": "disable"},
@@ -83,13 +83,6 @@ def ws_mesh(otlp, tmp_path_factory):
         }})
         start_all(scs)
         yield client, server, http_app
-        for sc in scs:
-            assert sc.proc.poll() is None, f"{sc.service} sidecar died:\n{sc.stderr()}"
-    finally:
-        for sc in scs:
-            sc.close()
-        app.close()
-        http_app.close()
 
 
 def test_websocket_through_two_sidecars_and_one_span_per_side(ws_mesh, otlp):
@@ -154,12 +147,12 @@ def test_websocket_over_mesh_mtls(tmp_path):
     env = MeshCaEnv(tmp_path)
     app = WsApp()
     scs = []
-    try:
+    with serving(scs, app, env):
         cfg = tmp_path / "mesh.yaml"
         server = SidecarProc(tmp_path, "wsapp", app.addr, env.addr, extra=env.sidecar_args(sid("wsapp"), "strict"))
         client = SidecarProc(tmp_path, "wsclient", Addr("127.0.0.1", 9), env.addr, config=cfg,
                              extra=env.sidecar_args(sid("wsclient")))
-        scs = [server, client]
+        scs += [server, client]
         write_mesh(cfg, {"services": {"wsapp": {"endpoints": [{"address": str(server.inbound)}], "mtls": "strict",
                                                 "identity": str(sid("wsapp"))}}})
         start_all(scs)
@@ -172,10 +165,3 @@ def test_websocket_over_mesh_mtls(tmp_path):
         assert out.attrs["mesh.connection_security_policy"] == "mutual_tls"
         inb = env.otlp.wait(1, service="wsapp", **{"url.path": "/chat"})[0]
         assert inb.attrs["mesh.source.principal"] == str(sid("wsclient"))
-        for sc in scs:
-            assert sc.proc.poll() is None, f"{sc.service} sidecar died:\n{sc.stderr()}"
-    finally:
-        for sc in scs:
-            sc.close()
-        app.close()
-        env.close()

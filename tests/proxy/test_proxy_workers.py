@@ -22,7 +22,9 @@ import pytest
 from cryptography import x509
 from mtls_helpers import MeshCaEnv, sid, tls_context
 from prometheus_client.parser import text_string_to_metric_families
-from sidecar_harness import SidecarProc, Upstream, distinct_ports, http_get_text, write_config, write_mesh
+from sidecar_harness import (
+    SidecarProc, Upstream, distinct_ports, http_get_text, run_load, write_config, write_mesh,
+)
 
 from tracemesh.net import Addr
 from tracemesh.proxy._workers import merge_prometheus, worker_argv
@@ -349,12 +351,7 @@ def test_workers_serve_mtls_with_the_supervisors_certificate_through_renewals(tm
         assert status == 200 and b"BEGIN CERTIFICATE" in chain
         threads = [threading.Thread(target=new_handshakes, args=(k,), daemon=True) for k in range(3)]
         threads.append(threading.Thread(target=via_outbound, daemon=True))
-        for t in threads:
-            t.start()
-        time.sleep(LOAD_S)
-        stop.set()
-        for t in threads:
-            t.join(15)
+        run_load(threads, LOAD_S, stop)
         assert errors == [], errors[:5]
         assert len(served) > 100
         assert set(outbound) == {200} and outbound[200] > 20, outbound
