@@ -312,6 +312,36 @@ async def _acquire(sc, upstream: Addr, security: Security, span: _Span) -> Upstr
     return uc
 
 
+async def read_response_head(uc: UpstreamConn, deadline: float):
+    """The upstream's response head on an h11 connection: an ``h11.Response``, or the 101 that h11
+    yields only when the request asked for an upgrade; 100s are skipped (the downstream's Expect
+    was answered by us). trio.TooSlowError past *deadline* (the caller words the 504); a
+    connection that closed before or inside the head is _UpstreamGone (a kept-alive one may be
+    retried), any other malformed head 502 UPE."""
+    u = uc.h11
+    while True:
+        try:
+            # one cancel scope, not two (the deadline's and _next_event's own): the earlier of the two
+            with trio.fail_at(min(deadline, trio.current_time() + ROUTE_TIMEOUT_S + 3600)):
+                ev = u.next_event()
+                while ev is h11.NEED_DATA:
+                    u.receive_data(await uc.stream.receive_some(READ_CHUNK))
+                    ev = u.next_event()
+        except h11.RemoteProtocolError as exc:
+            data, closed = u.trailing_data
+            if closed and data[:5] == b"HTTP/"[:len(data)]:  # the peer closed before or inside a response head
+                raise _UpstreamGone("the connection closed") from None
+            raise ProxyError(502, "UPE", f"upstream protocol error: {exc}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _UpstreamGone(str(exc) or "connection reset") from None
+        if isinstance(ev, h11.Response):
+            return ev
+        if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
+            return ev  # h11 took it only because we asked for an upgrade
+        if isinstance(ev, h11.ConnectionClosed):
+            raise _UpstreamGone("the connection closed")
+
+
 async def _send_request_bytes(uc, data: bytes) -> None:
     """Send *data* of a request on the upstream connection *uc*; an upstream that stops reading
     for BODY_IDLE_TIMEOUT_S is a 504 UT. Cancelled or failed, part of *data* may have gone."""
@@ -1014,31 +1044,11 @@ class Sidecar:
             await flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _UpstreamGone(f"sending the request failed ({exc})") from None
-        while True:
-            try:
-                # one cancel scope, not two (the deadline's and _next_event's own): the earlier of the two
-                with trio.fail_at(min(deadline, trio.current_time() + ROUTE_TIMEOUT_S + 3600)):
-                    ev = u.next_event()
-                    while ev is h11.NEED_DATA:
-                        u.receive_data(await uc.stream.receive_some(READ_CHUNK))
-                        ev = u.next_event()
-            except trio.TooSlowError:
-                raise ProxyError(504, "UT", f"upstream request timeout: no response within {route_timeout:g}s"
-                                 if route_timeout is not None else "upstream per-try timeout") from None
-            except h11.RemoteProtocolError as exc:
-                data, closed = u.trailing_data
-                if closed and data[:5] == b"HTTP/"[:len(data)]:  # the peer closed before or inside a response head
-                    raise _UpstreamGone("the connection closed") from None
-                raise ProxyError(502, "UPE", f"upstream protocol error: {exc}") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _UpstreamGone(str(exc) or "connection reset") from None
-            if isinstance(ev, h11.Response):
-                return ev
-            if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
-                return ev  # h11 took it only because we asked for an upgrade
-            if isinstance(ev, h11.ConnectionClosed):
-                raise _UpstreamGone("the connection closed")
-            # InformationalResponse (100) from upstream: we already answered the downstream's Expect
+        try:
+            return await read_response_head(uc, deadline)
+        except trio.TooSlowError:
+            raise ProxyError(504, "UT", f"upstream request timeout: no response within {route_timeout:g}s"
+                             if route_timeout is not None else "upstream per-try timeout") from None
 
     async def _splice_upgraded(self, uc: UpstreamConn, dconn, dstream, resp: h11.InformationalResponse,
                                span: _Span) -> None:

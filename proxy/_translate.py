@@ -44,9 +44,9 @@ import trio
 
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.proxy._http1 import (
-    BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ROUTE_TIMEOUT_S, ProxyError, _acquire,
+    BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ProxyError, _acquire,
     _body_event, _DownstreamCut, _DownstreamGone, _forwardable, _header, _is_chunked, _mirror_attrs, _mirror_endpoint,
-    _send_request_bytes, _shadow_host, _Span, _UpstreamGone,
+    _send_request_bytes, _shadow_host, _Span, _UpstreamGone, read_response_head,
 )
 from tracemesh.proxy._pool import PLAINTEXT, ConnectError
 from tracemesh.proxy._recorder import KIND_CLIENT
@@ -230,25 +230,10 @@ async def _h1_send(server, req, uc, out: h11.Request, span: _Span) -> None:
 
 
 async def _h1_head(uc, deadline: float, why: str) -> h11.Response:
-    u = uc.h11
-    while True:
-        try:
-            with trio.fail_at(deadline):
-                ev = await _next_event(u, uc.stream, ROUTE_TIMEOUT_S + 3600)
-        except trio.TooSlowError:
-            raise ProxyError(504, "UT", why) from None
-        except h11.RemoteProtocolError as exc:
-            data, closed = u.trailing_data
-            if closed and data[:5] == b"HTTP/"[:len(data)]:
-                raise _UpstreamGone("the connection closed") from None
-            raise ProxyError(502, "UPE", f"upstream protocol error: {exc}") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise _UpstreamGone(str(exc) or "connection reset") from None
-        if isinstance(ev, h11.Response):
-            return ev
-        if isinstance(ev, h11.ConnectionClosed):
-            raise _UpstreamGone("the connection closed")
-        # a 1xx: HTTP/2 clients have no use for it here
+    try:
+        return await read_response_head(uc, deadline)
+    except trio.TooSlowError:
+        raise ProxyError(504, "UT", why) from None
 
 
 async def _h1_relay(server, req, uc, resp: h11.Response, span: _Span) -> None:
