@@ -415,9 +415,17 @@ def h2load(port: int, authority: str, seconds: float, watch: list[int], workdir:
             "cpu_s": {pid: round(_cpu_s(pid) - c, 3) for pid, c in cpu0.items()}, "wall_s": wall}
 
 
+def _import_test_helpers() -> None:
+    """Make tests/proxy's helpers importable, and tests/ beside them (they import its shared modules)."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    for folder in (tests, tests / "proxy"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+
+
 def _grpc_app_proc(q) -> None:
     """The tests' grpcio app (generic handlers, ``test.Echo``), in a process of its own."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "proxy"))
+    _import_test_helpers()
     from h2_helpers import GrpcApp
 
     app = GrpcApp()
@@ -432,7 +440,7 @@ def _grpc_client_proc(q, port: int, authority: str, seconds: float, concurrency:
 
     from tracemesh.net import Addr
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "proxy"))
+    _import_test_helpers()
     from h2_helpers import grpc_channel, stub
 
     channel = grpc_channel(Addr("127.0.0.1", port), authority)
