@@ -5,6 +5,11 @@ A directory holds it::
     LOCK                  flock()ed by the collector that owns the history (its pid inside)
     versions/00000001.json  one file per version, written once and never changed
 
+The history keeps the newest ``keep`` versions (default :data:`DEFAULT_KEEP`, as Kubernetes keeps
+a Deployment's last revisions; Argo CD keeps 10): older version files are removed after each new
+version is durable. Numbers are never reused, so a removed version is reported as removed, not
+unknown.
+
 Each version file is written with :func:`tracemesh._fs.write_atomic` (beside, fsync, rename,
 fsync the directory), so a crash at any point leaves every earlier version whole and either the
 new one whole or none of it; :meth:`ConfigStore.apply` returns only once the new version is
@@ -41,6 +46,8 @@ log = logging.getLogger("tracemesh.collector.config")
 FORMAT = 1
 _VERSIONS = "versions"
 _LOCK = "LOCK"
+#: Versions kept in the history (the newest ones; the current one is always among them).
+DEFAULT_KEEP = 100
 
 __all__ = ["ConfigError", "ConfigStore", "ConfigStoreError", "ConfigVersion", "ControlDirBusy", "UnknownVersion"]
 
@@ -115,8 +122,11 @@ class ConfigStore:
     reads the history; :meth:`close` releases it (so does the process ending, however it ends).
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, *, keep: int = DEFAULT_KEEP) -> None:
+        if keep < 1:
+            raise ValueError(f"config history: keep must be at least 1 version, not {keep}")
         self.directory = Path(directory)
+        self.keep = keep
         self._versions_dir = self.directory / _VERSIONS
         try:
             if not self._versions_dir.is_dir():
@@ -180,6 +190,21 @@ class ConfigStore:
             last = self._read(p)
             self._summaries.append(last.summary())
         self._current = last
+        self._prune()
+
+    def _prune(self) -> None:
+        """Remove the version files beyond the newest ``keep`` (never the current one)."""
+        excess = len(self._summaries) - self.keep
+        if excess <= 0:
+            return
+        for old in self._summaries[:excess]:
+            try:
+                self._path(old["version"]).unlink(missing_ok=True)
+            except OSError as exc:  # a history that cannot shrink still works; say so and go on
+                log.warning("config history: cannot remove version %d: %s", old["version"], exc.strerror or exc)
+                return
+        del self._summaries[:excess]
+        fsync_dir(self._versions_dir)
 
     def current(self) -> ConfigVersion | None:
         """The config in force; None until the first apply."""
@@ -190,11 +215,17 @@ class ConfigStore:
         if cur is not None and version == cur.version:
             return cur
         if not any(s["version"] == version for s in self._summaries):
-            raise UnknownVersion(f"no config version {version}" + (f" (versions 1-{cur.version})" if cur else " (nothing applied yet)"))
+            if cur is None:
+                raise UnknownVersion(f"no config version {version} (nothing applied yet)")
+            first = self._summaries[0]["version"]
+            if 0 < version < first:
+                raise UnknownVersion(f"config version {version} was removed from the history, which keeps the "
+                                     f"newest {self.keep} (versions {first}-{cur.version})")
+            raise UnknownVersion(f"no config version {version} (versions {first}-{cur.version})")
         return self._read(self._path(version))
 
     def history(self) -> list[dict]:
-        """Every version's summary (number, applied_at, message, digest, counts), oldest first."""
+        """Every kept version's summary (number, applied_at, message, digest, counts), oldest first."""
         return list(self._summaries)
 
     # -- changing -----------------------------------------------------------------------------
@@ -264,6 +295,7 @@ class ConfigStore:
         write_atomic(self._path(number), json.dumps(doc, indent=1).encode() + b"\n", mode=0o600)
         self._summaries.append(new.summary())
         self._current = new
+        self._prune()
         for cb in list(self._callbacks):
             try:
                 cb(new)

@@ -15,6 +15,7 @@ port, where it also serves the CA's renewals. Every new config version is publis
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -63,6 +64,7 @@ class CollectorOptions:
     control_off: bool = False  # no config distribution (and the CA renews on its own server)
     endpoint_grace_s: float = 30.0  # how long a departed or unhealthy endpoint stays routable
     control_dir: str | None = None  # the mesh config history; default <store>/control, ./tracemesh-control with --clickhouse
+    config_history: int = 100  # versions of the mesh config kept (the newest)
 
 
 #: Where the write-ahead log lives when the store is a server (no store directory to put it in).
@@ -157,7 +159,8 @@ async def _main(opts: CollectorOptions) -> int:
                 return 1
             state["store"] = store
             try:  # after the store: a second collector on the same store hears about the store first
-                config_store = state["config_store"] = await trio.to_thread.run_sync(ConfigStore, control_dir)
+                config_store = state["config_store"] = await trio.to_thread.run_sync(
+                    functools.partial(ConfigStore, control_dir, keep=opts.config_history))
             except ConfigStoreError as exc:
                 print(f"tracemesh collector: {exc}", file=sys.stderr)
                 nursery.cancel_scope.cancel()

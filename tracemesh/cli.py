@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--control-dir", metavar="DIR", default=None,
                    help="the mesh config's versioned history (default: STORE/control, or ./tracemesh-control "
                         "with --clickhouse)")
+    c.add_argument("--config-history", metavar="N", type=_positive_int, default=100,
+                   help="mesh config versions kept in the history, the newest (default: %(default)s)")
 
     s = sub.add_parser("sidecar", help="run a sidecar proxy beside one workload")
     s.add_argument("--service", required=True, help="the workload's service name")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             store=args.store, otlp_grpc=args.otlp_grpc, otlp_http=otlp_http, api=api, wal_dir=args.wal,
             wal_max_bytes=args.wal_max_mb * 1024 * 1024, max_message_bytes=args.max_message_mb * 1024 * 1024,
             ttl_days=args.ttl_days, clickhouse=args.clickhouse, ca_dir=args.ca, ca_mtls=args.ca_mtls,
-            native_traces=not args.python_encoder, control_dir=args.control_dir,
+            native_traces=not args.python_encoder, control_dir=args.control_dir, config_history=args.config_history,
             control=control, control_off=control_off, endpoint_grace_s=args.endpoint_grace))
     if args.command == "sidecar":
         from tracemesh.proxy import serve

@@ -159,7 +159,7 @@ def test_concurrent_applies_make_one_version_each_in_order(tmp_path):
 CHILD = textwrap.dedent("""\
     import sys
     from tracemesh.collector._config_store import ConfigStore
-    store = ConfigStore(sys.argv[1])
+    store = ConfigStore(sys.argv[1], keep=20)  # small: crashes also land while old versions are removed
     i = 0
     while True:
         i += 1
@@ -172,8 +172,8 @@ CHILD = textwrap.dedent("""\
 
 
 def test_kill_9_during_applies_never_loses_or_tears_a_version(tmp_path):
-    """SIGKILL at arbitrary points of an apply loop: every acknowledged version survives, whole,
-    numbered without gaps, and the history opens (its lock freed by the kernel)."""
+    """SIGKILL at arbitrary points of an apply loop: every acknowledged version the history still
+    keeps survives, whole, numbered without gaps, and the history opens (its lock freed by the kernel)."""
     acked: dict[int, str] = {}
     for round_ in range(6):
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -185,12 +185,14 @@ def test_kill_9_during_applies_never_loses_or_tears_a_version(tmp_path):
                 n, d = line.split()
                 acked[int(n)] = d
     assert len(acked) > 10, "the child never got going"
-    with ConfigStore(tmp_path) as store:
+    with ConfigStore(tmp_path, keep=20) as store:
         hist = store.history()
         numbers = [s["version"] for s in hist]
-        assert numbers == list(range(1, len(numbers) + 1))
+        assert numbers == list(range(numbers[-1] - len(numbers) + 1, numbers[-1] + 1)) and len(numbers) <= 20
+        assert max(acked) <= numbers[-1]
         for n, d in acked.items():
-            assert store.get(n).digest == d
+            if n >= numbers[0]:
+                assert store.get(n).digest == d
         for s in hist:
             store.get(s["version"]).config()
         assert not [p for p in (tmp_path / "versions").iterdir() if p.name.startswith(".")]
@@ -227,3 +229,40 @@ def test_validate_over_a_current_config_raises_only_config_errors(store_v1, docs
         store_v1.validate(yaml.safe_dump_all(docs), "h.yaml", replace=replace)
     except ConfigError as exc:
         assert str(exc).startswith(("h.yaml", "config version 1:")), str(exc)
+
+
+def test_the_history_keeps_the_newest_versions_and_says_when_one_was_removed(tmp_path):
+    weights = [(100 - w, w) for w in range(0, 100, 10)]  # ten distinct configs
+    with ConfigStore(tmp_path, keep=3) as store:
+        store.apply(V1, "a.yaml")
+        for v1w, v2w in weights[1:6]:
+            store.apply(f"routes:\n  - service: catalog\n    destinations: [{{version: v1, weight: {v1w}}}, "
+                        f"{{version: v2, weight: {v2w}}}]\n", "shift.yaml")
+        assert store.current().version == 6
+        assert [s["version"] for s in store.history()] == [4, 5, 6]
+        assert list(files(tmp_path)) == ["00000004.json", "00000005.json", "00000006.json"]
+        with pytest.raises(UnknownVersion, match=r"version 2 was removed from the history, which keeps the newest 3 "
+                                                 r"\(versions 4-6\)"):
+            store.rollback(2)
+        with pytest.raises(UnknownVersion, match=r"no config version 7 \(versions 4-6\)"):
+            store.get(7)
+        d4 = store.get(4).digest
+        v7 = store.rollback(4)  # a kept version still rolls back, and numbering goes on
+        assert v7.version == 7 and v7.digest == d4
+        assert [s["version"] for s in store.history()] == [5, 6, 7]
+    # reopened with a smaller limit: trimmed at once, numbering continues after the newest
+    with ConfigStore(tmp_path, keep=1) as store:
+        assert [s["version"] for s in store.history()] == [7] and list(files(tmp_path)) == ["00000007.json"]
+        assert store.apply(V1, "a.yaml", replace=True).version == 8
+        assert list(files(tmp_path)) == ["00000008.json"]
+    with pytest.raises(ValueError, match="at least 1"):
+        ConfigStore(tmp_path / "other", keep=0)
+
+
+def test_the_collector_takes_the_history_limit_from_its_command_line():
+    from tracemesh.cli import build_parser
+
+    args = build_parser().parse_args(["collector", "--store", "x", "--config-history", "5"])
+    assert args.config_history == 5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["collector", "--store", "x", "--config-history", "0"])
