@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Collection, Hashable
 
 # -- what happened to one attempt --------------------------------------------------------------
 
@@ -199,6 +199,16 @@ class OutlierDetector:
         s.consecutive_5xx = s.consecutive_gateway = 0
         self.ejections += 1
         return True
+
+    def carry_over(self, old: "OutlierDetector", group: Collection[Hashable]) -> None:
+        """Take over what *old* (the previous config's detector of the same service) knew of the
+        endpoints still in *group*: a config or endpoint change must not return an ejected endpoint
+        early, nor forget its ejection count or its run of failures."""
+        for ep in group:
+            s = old._state.get(ep)
+            if s is not None:
+                self._state[ep] = _State(s.consecutive_5xx, s.consecutive_gateway, s.ejected_until, s.times_ejected)
+        self.ejections += old.ejections
 
     def healthy(self, group: list[Hashable]) -> list[Hashable]:
         """The endpoints not ejected; all of them if every one is (panic routing, as Envoy does)."""

@@ -90,8 +90,14 @@ class Router:
         self.update(config)
 
     def update(self, config: MeshConfig) -> None:
+        old = getattr(self, "_states", {})
+        states = {name: ServiceState(svc, self._rng) for name, svc in config.services.items()}
+        for name, state in states.items():  # ejections outlive config and endpoint changes
+            before = old.get(name)
+            if state.outliers is not None and before is not None and before.outliers is not None:
+                state.outliers.carry_over(before.outliers, state.service.endpoints)
         self.config = config
-        self._states = {name: ServiceState(svc, self._rng) for name, svc in config.services.items()}
+        self._states = states
 
     def select(self, authority: str, method: str = "GET", path: str = "/",
                header: Callable[[str], str | None] = lambda name: None,

@@ -157,3 +157,37 @@ def test_ejected_endpoints_are_skipped_until_all_are():
     sel.state.finished(b, Outcome(503))
     assert {router.endpoint(sel) for _ in range(6)} == {a, b}  # panic: all ejected, all used
     assert router.endpoint(sel, exclude=[a]) == b
+
+
+def test_an_ejection_outlives_a_config_or_endpoint_change():
+    from tracemesh.proxy._resilience import Outcome
+
+    router = Router(MATCHED)
+    sel = router.select("shop", "POST", "/api/x")
+    a, b = sel.state.by_version["v2"]
+    sel.state.finished(a, Outcome(500))
+    assert {router.endpoint(sel) for _ in range(6)} == {b}
+    # a new endpoint arrives (the control plane's next snapshot): a stays out, the others serve
+    router.update(parse_config("""
+services:
+  shop:
+    endpoints: [{address: ':1', version: v1}, {address: ':2', version: v2}, {address: ':3', version: v2},
+                {address: ':4', version: v2}]
+    traffic_policy: {outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100}}
+routes:
+  - {service: shop, name: api, match: [{path: {prefix: /api/}, method: POST}], destinations: [{version: v2}]}
+"""))
+    sel = router.select("shop", "POST", "/api/x")
+    assert len(sel.state.by_version["v2"]) == 3
+    assert a not in {router.endpoint(sel) for _ in range(12)}
+    assert sel.state.outliers.ejections == 1
+    # an endpoint that left and came back is not remembered beyond the config it left in
+    router.update(parse_config("""
+services:
+  shop:
+    endpoints: [{address: ':1', version: v1}, {address: ':3', version: v2}]
+    traffic_policy: {outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100}}
+"""))
+    router.update(MATCHED)
+    sel = router.select("shop", "POST", "/api/x")
+    assert a in {router.endpoint(sel) for _ in range(6)}
