@@ -39,8 +39,12 @@ copies a stream as HTTP/1.1's does (:func:`._translate.mirror_from_h2`).
 over :data:`MAX_HEADER_BYTES` are a protocol error to h2 as well (ENHANCE_YOUR_CALM); a frame
 header announcing more than SETTINGS_MAX_FRAME_SIZE is refused on sight (h2 itself would buffer
 up to 16 MiB before it looks); a client that does not send the preface and its SETTINGS within
-the header timeout is cut; at most :data:`MAX_CONCURRENT_STREAMS` streams per connection. Resets
-propagate: a downstream RST_STREAM cancels its exchange (which resets the upstream stream; flag
+the header timeout is cut; at most :data:`MAX_CONCURRENT_STREAMS` streams per connection. A
+client that resets most of the streams it opens before their responses (the "rapid reset" attack,
+CVE-2023-44487: each reset stream still costs us an exchange and an upstream request) gets GOAWAY
+ENHANCE_YOUR_CALM once its premature resets reach :data:`PREMATURE_RESETS_MIN` and half of its
+streams, as Envoy's overload protection does; a CONTINUATION flood is bounded by h2 (64 frames, a
+PROTOCOL_ERROR past them). Resets propagate: a downstream RST_STREAM cancels its exchange (which resets the upstream stream; flag
 DC); an upstream reset before the response head is 503 UC (gRPC: UNAVAILABLE), after it the
 downstream stream is reset (gRPC: ended with UNAVAILABLE trailers). A new upstream connection is
 used only once the peer's SETTINGS arrived, so that a burst never opens streams past its limit.
@@ -89,6 +93,9 @@ log = logging.getLogger("tracemesh.sidecar.h2")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Streams one downstream connection may have open (Envoy allows 2^31; a bound keeps memory bounded).
 MAX_CONCURRENT_STREAMS = 128
+#: A downstream connection whose client reset at least this many of its streams before their
+#: responses ended, and at least half of all it opened, is closed (GOAWAY ENHANCE_YOUR_CALM).
+PREMATURE_RESETS_MIN = 100
 #: What a peer may send on one stream before we acknowledge (and so what we may hold for it).
 STREAM_WINDOW = 256 * 1024
 #: ... and on one connection, all streams together.
@@ -302,6 +309,8 @@ class H2Conn:
         self.on_request = None  # server side: called with (stream, headers, ended)
         self.peer = None  # upstream: its verified SPIFFE ID, for mTLS
         self.idle_since = time.monotonic()
+        self.opened = 0  # server side: streams the client opened
+        self.premature_resets = 0  # ... and reset before we ended them
 
     async def flush(self) -> None:
         """Send what h2 has queued. Serialised (the bytes of frames must not interleave) and
@@ -430,6 +439,13 @@ class H2Conn:
             return False
         for ev in events:
             self._dispatch(ev)
+        if self.premature_resets >= PREMATURE_RESETS_MIN and 2 * self.premature_resets >= self.opened:
+            log.warning("HTTP/2 client reset %d of its %d streams before their responses: closing the connection",
+                        self.premature_resets, self.opened)
+            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.dead = "rapid resets"
+            await self.flush()
+            return False
         await self.flush()
         return True
 
@@ -439,6 +455,7 @@ class H2Conn:
         s = self.streams.get(sid) if sid else None
         if isinstance(ev, E.RequestReceived):
             s = self.streams[sid] = _Stream(self, sid)
+            self.opened += 1
             self.on_request(s, ev.headers, ev.stream_ended is not None)
         elif isinstance(ev, E.ResponseReceived):
             if s is not None:
@@ -460,6 +477,8 @@ class H2Conn:
         elif isinstance(ev, E.StreamReset):
             if s is not None:
                 self.streams.pop(sid, None)
+                if not self.h2.config.client_side:
+                    self.premature_resets += 1
                 s.gone(ev.error_code)
                 s.scope.cancel()  # a downstream stream: its exchange ends (an upstream's is not cancelled)
             self._wake()

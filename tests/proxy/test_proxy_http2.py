@@ -243,6 +243,53 @@ def test_protocol_errors_get_goaway_and_the_sidecar_keeps_serving(h2mesh, curl):
     assert r.stdout.decode().endswith("2 200")
 
 
+def test_rapid_reset_and_continuation_floods_end_the_connection_not_the_sidecar(h2mesh, curl):
+    """CVE-2023-44487: streams opened and reset at once, over and over, never reach the stream
+    limit but each costs an exchange: GOAWAY ENHANCE_YOUR_CALM. CONTINUATION frames without end
+    (CVE-2024-27316's kind): a PROTOCOL_ERROR after h2's 64, nothing buffered without bound."""
+    front, _, _ = h2mesh
+    c = H2Client(front.outbound)
+    try:
+        for _ in range(300):
+            c.conn.send_headers(sid := c.conn.get_next_available_stream_id(),
+                                [(":method", "GET"), (":scheme", "http"), (":authority", "echo"), (":path", "/r")],
+                                end_stream=True)
+            c.conn.reset_stream(sid, 8)
+        try:
+            c.sock.sendall(c.conn.data_to_send())
+        except OSError:
+            pass  # closed while we were still sending: what we test for
+        frames = read_frames(c.sock, timeout=10)
+    finally:
+        c.close()
+    assert [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY] == [11], frames  # ENHANCE_YOUR_CALM
+    # a HEADERS frame without END_HEADERS, then CONTINUATION frames that never end it
+    c = H2Client(front.outbound)
+    try:
+        block = b"\x82\x86\x84"  # :method GET, :scheme http, :path / (HPACK static table)
+        flood = (len(block).to_bytes(3, "big") + b"\x01\x01" + (1).to_bytes(4, "big") + block  # HEADERS, END_STREAM
+                 + b"".join((16000).to_bytes(3, "big") + b"\x09\x00" + (1).to_bytes(4, "big") + b"\x40" * 16000
+                            for _ in range(100)))
+        try:
+            c.sock.sendall(flood)
+        except OSError:
+            pass
+        frames = read_frames(c.sock, timeout=10)
+    finally:
+        c.close()
+    assert [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY] == [1], frames  # PROTOCOL_ERROR
+    r = _curl(curl, f"http://{front.outbound}/fine", "-H", "Host: echo")
+    assert r.stdout.decode().endswith("2 200")
+    # a client that resets a few of its streams, as browsers and gRPC do, is not cut
+    c = H2Client(front.outbound)
+    try:
+        for _ in range(20):
+            c.reset(c.start("/sleep/1", "echo"))
+        assert c.response(c.start("/ok", "echo"))["headers"][":status"] == "200"
+    finally:
+        c.close()
+
+
 def test_a_client_that_never_sends_its_settings_is_cut(h2mesh, curl):
     """Half a preface (still undecided between HTTP/1.1 and 2), or the preface without SETTINGS:
     both cut at the 10 s header timeout (side by side, so the test waits once)."""
