@@ -81,6 +81,7 @@ from tracemesh.proxy._recorder import (
 )
 from tracemesh.proxy._resilience import Outcome, RetryPolicy
 from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router, Selection, ServiceState
+from tracemesh.proxy._sockio import FastStream
 from tracemesh.proxy._tcp import RawEnd, TcpProxy, is_tcp_alpn, splice
 from tracemesh.proxy._accesslog import AccessEntry
 from tracemesh.proxy._tracecontext import (
@@ -237,6 +238,16 @@ def _start_span(start_ns: int, headers: list) -> tuple[_Span, bytes]:
     return span, request_id
 
 
+def _header_list(headers) -> list[tuple[bytes, bytes]]:
+    """An h11 event's headers as a list of (lowercased name, value): taken from h11's own list
+    (h11.Headers is a Sequence whose iteration calls ``__getitem__`` per header and builds a tuple
+    each time), falling back to iterating it."""
+    full = getattr(headers, "_full_items", None)
+    if full is not None:
+        return [(n, v) for _, n, v in full]
+    return list(headers)
+
+
 def _header(headers, name: bytes) -> bytes | None:
     for k, v in headers:
         if k == name:
@@ -321,12 +332,16 @@ async def read_response_head(uc: UpstreamConn, deadline: float):
     u = uc.h11
     while True:
         try:
-            # one cancel scope, not two (the deadline's and _next_event's own): the earlier of the two
-            with trio.fail_at(min(deadline, trio.current_time() + ROUTE_TIMEOUT_S + 3600)):
-                ev = u.next_event()
-                while ev is h11.NEED_DATA:
-                    u.receive_data(await uc.stream.receive_some(READ_CHUNK))
-                    ev = u.next_event()
+            ev = u.next_event()
+            if ev is h11.NEED_DATA:
+                # one bare cancel scope (not trio.fail_at's context manager around one): the deadline
+                scope = trio.CancelScope(deadline=min(deadline, trio.current_time() + ROUTE_TIMEOUT_S + 3600))
+                with scope:
+                    while ev is h11.NEED_DATA:
+                        u.receive_data(await uc.stream.receive_some(READ_CHUNK))
+                        ev = u.next_event()
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
         except h11.RemoteProtocolError as exc:
             data, closed = u.trailing_data
             if closed and data[:5] == b"HTTP/"[:len(data)]:  # the peer closed before or inside a response head
@@ -345,11 +360,17 @@ async def read_response_head(uc: UpstreamConn, deadline: float):
 async def _send_request_bytes(uc, data: bytes) -> None:
     """Send *data* of a request on the upstream connection *uc*; an upstream that stops reading
     for BODY_IDLE_TIMEOUT_S is a 504 UT. Cancelled or failed, part of *data* may have gone."""
-    try:
-        with trio.fail_after(BODY_IDLE_TIMEOUT_S):
-            await uc.stream.send_all(data)
-    except trio.TooSlowError:
-        raise ProxyError(504, "UT", "upstream stopped reading the request body") from None
+    stream = uc.stream
+    try_send = getattr(stream, "try_send", None)
+    if try_send is not None:  # plain TCP: what the kernel takes at once needs no timer
+        sent = try_send(data)
+        if sent == len(data):
+            return
+        data = memoryview(data)[sent:]
+    with trio.CancelScope(deadline=trio.current_time() + BODY_IDLE_TIMEOUT_S) as scope:
+        await stream.send_all(data)
+    if scope.cancelled_caught:
+        raise ProxyError(504, "UT", "upstream stopped reading the request body")
 
 
 def _mirror_attrs(sc, span: _Span, mirror, method: str, target: str, version: str) -> dict:
@@ -456,6 +477,7 @@ class Sidecar:
                                 first_timeout: float = HEADER_TIMEOUT_S) -> None:
         """HTTP/1.1 on *stream*, *initial* being what was read from it already; the first request
         head must be complete within *first_timeout*."""
+        stream = FastStream.wrap(stream)  # plain TCP: no trip through the scheduler per read and write
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         if initial:
             conn.receive_data(initial)
@@ -477,10 +499,11 @@ class Sidecar:
                 if not isinstance(event, h11.Request):
                     return  # ConnectionClosed, or PAUSED after a request we could not finish
                 # h11 bounds only an incomplete head; one that completes in the read past the limit gets here
-                if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEADER_BYTES:
+                items = _header_list(event.headers)
+                if len(event.target) + sum(len(k) + len(v) + 4 for k, v in items) > MAX_HEADER_BYTES:
                     await self._local_reply(conn, stream, 431, "request header fields too large", close=True)
                     return
-                names = {k for k, _ in event.headers}
+                names = {k for k, _ in items}
                 if b"transfer-encoding" in names and b"content-length" in names:
                     # RFC 9112 6.1: ambiguous framing is how requests are smuggled past a proxy; refuse, close
                     await self._local_reply(conn, stream, 400, "bad request: both Transfer-Encoding and Content-Length",
@@ -507,8 +530,8 @@ class Sidecar:
         if close or conn.their_state is not h11.DONE:
             headers.append((b"connection", b"close"))  # an unread request body makes the connection unusable
         try:
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))))
-            await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+                                  + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))  # one send
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             return False
         return True
@@ -519,7 +542,7 @@ class Sidecar:
                         peer: Peer = PLAINTEXT_PEER, port: int = 0) -> None:
         start_ns = time.time_ns()
         t0 = time.perf_counter_ns()
-        headers = list(req.headers)
+        headers = _header_list(req.headers)
         method = req.method.decode("ascii", "replace")
         target = req.target.decode("ascii", "replace")
         span, request_id = _start_span(start_ns, headers)
@@ -631,7 +654,8 @@ class Sidecar:
                 return None if v is None else v.decode("latin-1")
             try:
                 sel = t.sel = self.router.select(authority, method, path, header,
-                                                 dict(reversed(parse_qsl(query, keep_blank_values=True))))
+                                                 dict(reversed(parse_qsl(query, keep_blank_values=True)))
+                                                 if query else {})
             except NoRoute as exc:
                 raise ProxyError(404, "NR", f"no route: {exc}") from None
             t.name = f"{method} {sel.service}"
@@ -1081,7 +1105,7 @@ class Sidecar:
 
     async def _relay_response(self, uc: UpstreamConn, dconn, dstream, resp: h11.Response, span: _Span) -> None:
         # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0
-        headers = _forwardable(resp.headers)
+        headers = _forwardable(_header_list(resp.headers))
         span.status = resp.status_code
         # _parsed: every header, the status and the reason came out of h11's parser, which checked
         # them; h11 need not run its regexes over them again

@@ -14,9 +14,16 @@ async def next_event(conn: h11.Connection, stream: trio.abc.Stream, timeout: flo
 
     Raises trio.TooSlowError, h11.RemoteProtocolError, or the stream's errors.
     """
-    with trio.fail_after(timeout):
+    event = conn.next_event()
+    if event is not h11.NEED_DATA:
+        return event  # already received (a bodyless request's end, pipelining): no timer needed
+    # a bare CancelScope, not trio.fail_after (a generator context manager around one): this runs
+    # for every read of the sidecar's HTTP/1.1 path
+    scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+    with scope:
         while True:
+            conn.receive_data(await stream.receive_some(chunk))
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(await stream.receive_some(chunk))
+    raise trio.TooSlowError
