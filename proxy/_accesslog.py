@@ -6,7 +6,8 @@ request's span attributes, which are final by then) appended to a bounded queue 
 recorder's :class:`~tracemesh.proxy._recorder.SpanRecorder`, reused as is): it never blocks, and
 past :data:`MAX_QUEUED_LOGS` an entry is dropped and counted. Everything else (the attributes
 named as Envoy's access-log operators, the Envoy default-format line, the protobuf bytes, written
-directly as :mod:`._recorder` writes spans) happens in a worker thread of the exporter.
+directly as :mod:`._recorder` writes spans, what repeats encoded once: :class:`LogEncoder`)
+happens in the exporter, a slice of records at a time, as spans are.
 
 Each record carries the request's ``trace_id`` and ``span_id`` (and the W3C flags), so Grafana
 links a log line to its trace; a request that was not sampled still gets its record (its flags say
@@ -26,11 +27,10 @@ import time
 from typing import NamedTuple
 
 import trio
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 
 from tracemesh.proxy._recorder import (
-    EXPORT_INTERVAL_S, OTLPExporter, RecorderStats, SpanRecorder, _any_value, _KEY_CACHE, _KEY_CACHE_MAX, _ld,
-    _pack_q, _resource_bytes, _scope_bytes,
+    _EMPTY, EXPORT_INTERVAL_S, AttrCache, OTLPExporter, RecorderStats, SpanRecorder, _field_head, _pack_q,
+    _resource_bytes, _scope_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -143,37 +143,149 @@ def line(f: dict) -> str:
 # -- OTLP, written straight to protobuf's wire format (as _recorder does for spans) -------------
 
 
-def _attr(k: str, v) -> bytes:
-    prefix = _KEY_CACHE.get(k)
-    if prefix is None:
-        prefix = _ld(b"\x0a", k.encode()) if k else b""
-        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
-            _KEY_CACHE[k] = prefix
-    if v.__class__ is str:
-        b = v.encode()
-        n = len(b)
-        if n + len(prefix) < 120:  # every length below fits one varint byte: no _ld calls
-            return (b"\x32" + bytes((len(prefix) + n + 4,)) + prefix
-                    + b"\x12" + bytes((n + 2,)) + b"\x0a" + bytes((n,)) + b)
-    return _ld(b"\x32", prefix + _ld(b"\x12", _any_value(v)))  # LogRecord.attributes = 6
-
-
-def _record_bytes(e: AccessEntry) -> bytes:
-    f = fields(e)
-    parts = [b"\x09", _pack_q(e.start_ns), b"\x10\x09\x1a\x04INFO",  # time 1, severity_number 2, severity_text 3
-             _ld(b"\x2a", _ld(b"\x0a", line(f).encode()))]  # body 5: AnyValue.string_value
-    parts += [_attr(k, v) for k, v in f.items()]
-    if e.trace_flags:
-        parts += [b"\x45", _pack_i(e.trace_flags & 0xFF)]  # flags 8 (fixed32): the W3C trace flags
-    parts += [b"\x4a\x10", e.trace_id, b"\x52\x08", e.span_id,  # trace_id 9, span_id 10
-              b"\x59", _pack_q(e.start_ns + e.duration_ns)]  # observed_time_unix_nano 11: when it ended
-    return _ld(b"\x12", b"".join(parts))  # ScopeLogs.log_records = 2
-
-
 def encode_logs_fast(resource: dict, scope_version: str, entries: list[AccessEntry]) -> bytes:
     """A serialized ExportLogsServiceRequest of *entries* under one resource and scope."""
-    scope_logs = _scope_bytes(SCOPE_NAME, scope_version) + b"".join(map(_record_bytes, entries))
-    return _ld(b"\x0a", _resource_bytes(resource) + _ld(b"\x12", scope_logs))
+    return LogEncoder(resource, scope_version).encode(entries)
+
+
+#: Sets of per-sidecar-constant fields (see :class:`LogEncoder`) kept at most.
+MAX_GROUPS = 1024
+_INFO = b"\x10\x09\x1a\x04INFO"  # severity_number 2 (INFO), severity_text 3
+
+
+class _Group:
+    """What records that share method, protocol, user agent, authority, upstream, route, gRPC
+    status and principals share: their encoded attributes and the constant parts of Envoy's line."""
+
+    __slots__ = ("line_mid", "line_pre", "line_tail", "line_ua", "method", "protocol", "tail", "tcp", "ua")
+
+    def __init__(self, e: AccessEntry, attr) -> None:
+        f = fields(e._replace(start_ns=0, duration_ns=0, status=0, flags="-", received=0, sent=0))
+        g = f.get
+        proto = f["protocol"]
+        self.tcp = proto == "TCP"
+        self.method, self.protocol, self.ua = attr("method", f), attr("protocol", f), attr("user_agent", f)
+        self.tail = b"".join(attr(k, f) for k in ("authority", "upstream_host", "upstream_cluster", "route_name",
+                                                  "grpc_status", "source_principal", "destination_principal"))
+        self.line_pre = f'"{g("method", "-")} '
+        self.line_mid = f' {"-" if self.tcp else proto}" '
+        self.line_ua = f' - "-" "{g("user_agent", "-")}" "'
+        self.line_tail = f'" "{g("authority", "-")}" "{g("upstream_host", "-")}"'
+
+
+class LogEncoder:
+    """``ExportLogsServiceRequest`` bytes for :class:`AccessEntry` lists of one resource, written
+    straight to protobuf's wire format with what repeats encoded once: the resource and scope,
+    and per group of records that share the fields a sidecar's traffic mostly repeats (method,
+    protocol, user agent, authority, upstream and cluster, route, gRPC status, principals) those
+    fields' attributes and the constant parts of the Envoy line; (key, value) pairs of the other
+    fields through an :class:`~tracemesh.proxy._recorder.AttrCache`. The attributes and the line
+    are exactly :func:`fields` and :func:`line` of each record (the tests compare)."""
+
+    def __init__(self, resource: dict, scope_version: str) -> None:
+        self.resource = _resource_bytes(resource)
+        self.scope = _scope_bytes(SCOPE_NAME, scope_version)
+        self.attrs = AttrCache(b"\x32")  # LogRecord.attributes = 6
+        self._groups: dict[tuple, _Group] = {}
+
+    def encode(self, entries) -> bytes:
+        pieces: list[bytes] = []
+        self.add(pieces, entries)
+        return self.request(pieces)
+
+    def request(self, pieces: list[bytes]) -> bytes:
+        body = b"".join(pieces)
+        scope_logs = len(self.scope) + len(body)
+        head = _field_head(0x12, scope_logs)  # ResourceLogs.scope_logs = 2
+        resource_logs = len(self.resource) + len(head) + scope_logs
+        return b"".join((_field_head(0x0A, resource_logs), self.resource, head, self.scope, body))
+
+    def _attr_of(self, k: str, f: dict) -> bytes:
+        return self._kv(k, f[k]) if k in f else b""
+
+    def _kv(self, k: str, v) -> bytes:
+        cache = self.attrs
+        cls = v.__class__
+        b = (cache.strs if cls is str else cache.ints if cls is int else _EMPTY).get(k, _EMPTY).get(v)
+        return b if b is not None else cache.miss(k, v)
+
+    def _group(self, key: tuple, e: AccessEntry) -> _Group:
+        grp = _Group(e, self._attr_of)
+        # cached only when every value is a str (or absent): a bool or a float could equal an int
+        # of another record and take its group; the gRPC status (an int) goes with its type
+        if all(v is None or v.__class__ is str for v in key[:-2]):
+            if len(self._groups) >= MAX_GROUPS:
+                self._groups.clear()
+            self._groups[key] = grp
+        return grp
+
+    def add(self, pieces: list[bytes], entries) -> None:
+        """Append the ``ScopeLogs.log_records`` fields of *entries* to *pieces*."""
+        groups = self._groups
+        cache = self.attrs
+        strs, ints, miss, plain = cache.strs, cache.ints, cache.miss, cache.plain
+        get_rc, get_flags = ints.get("response_code", _EMPTY).get, strs.get("response_flags", _EMPTY).get
+        out = pieces.append
+        second, stamp = _second[0], _second[1]
+        for e in entries:
+            (start, duration, trace_id, span_id, trace_flags, a, status, flags, received, sent, authority) = e
+            g = a.get
+            grpc = g("rpc.grpc.status_code")
+            key = (g("network.transport"), g("http.request.method"), g("network.protocol.version"),
+                   g("user_agent.original"), authority, g("mesh.upstream.endpoint"), g("mesh.direction"),
+                   g("mesh.destination.version"), g("mesh.destination.service"), g("mesh.route"),
+                   g("mesh.source.principal"), g("mesh.destination.principal"), grpc, grpc.__class__)
+            grp = groups.get(key)
+            if grp is None:
+                grp = self._group(key, e)
+            s, rest = divmod(start, 1_000_000_000)
+            if s != second:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+                second = s
+            start_time = f"{stamp}.{rest // 1_000_000:03d}Z"
+            duration_ms = duration // 1_000_000
+            if grp.tcp:
+                path = "-"
+                path_kv = b""
+            else:
+                path = g("url.path", "")
+                query = g("url.query")
+                if query:
+                    path = f"{path}?{query}"
+                path_kv = None
+            rid = g("guid:x-request-id")
+            body = (f'[{start_time}] {grp.line_pre}{path}{grp.line_mid}{status} {flags} {received} {sent} '
+                    f'{duration_ms}{grp.line_ua}{"-" if rid is None else rid}{grp.line_tail}').encode()
+            n = len(body)
+            parts = [b"\x09", _pack_q(start), _INFO,
+                     _field_head(0x2A, n + len(_field_head(0x0A, n))), _field_head(0x0A, n), body,  # body 5
+                     plain("start_time", start_time), grp.method]
+            add = parts.append
+            if path_kv is None:
+                add(self._kv("path", path))
+            add(grp.protocol)
+            b = get_rc(status) if status.__class__ is int else None
+            add(b if b is not None else miss("response_code", status))
+            b = get_flags(flags) if flags.__class__ is str else None
+            add(b if b is not None else miss("response_flags", flags))
+            add(self._kv("bytes_received", received))
+            add(self._kv("bytes_sent", sent))
+            add(self._kv("duration", duration_ms))
+            add(grp.ua)
+            if rid is not None:
+                add(plain("request_id", rid))
+            add(grp.tail)
+            if trace_flags:
+                add(b"\x45" + _pack_i(trace_flags & 0xFF))  # flags 8 (fixed32): the W3C trace flags
+            add(b"\x4a\x10")  # trace_id 9, span_id 10, observed_time_unix_nano 11: when it ended
+            add(trace_id)
+            add(b"\x52\x08")
+            add(span_id)
+            add(b"\x59" + _pack_q(start + duration))
+            rec = b"".join(parts)
+            out(_field_head(0x12, len(rec)))  # ScopeLogs.log_records = 2
+            out(rec)
+        _second[0], _second[1] = second, stamp
 
 
 class LogsExporter(OTLPExporter):
@@ -181,11 +293,10 @@ class LogsExporter(OTLPExporter):
     then dropped (counted), exactly as spans are."""
 
     export_path = LOGS_EXPORT_PATH
-    response_type = ExportLogsServiceResponse
     what = "access log"
 
-    def encode(self, batch: list) -> bytes:
-        return encode_logs_fast(self.resource, self.scope_version, batch)
+    def make_encoder(self) -> LogEncoder:
+        return LogEncoder(self.resource, self.scope_version)
 
 
 def json_line(e: AccessEntry) -> str:

@@ -25,11 +25,9 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, HistogramDataPoint, NumberDataPoint
+import struct
 
-from tracemesh.proxy._recorder import any_value
+from tracemesh.proxy._recorder import _ld, _resource_bytes, _scope_bytes, any_value
 
 SCOPE_NAME = "tracemesh.proxy"
 
@@ -141,11 +139,10 @@ class Series:
 
     def otlp_attributes(self) -> tuple[bytes, bytes]:
         """The labels as the serialized attributes of a HistogramDataPoint and of a NumberDataPoint
-        (different field numbers), built once: making the KeyValues was most of an export's cost."""
+        (fields 9 and 7), built once: making the KeyValues was most of an export's cost."""
         if self._otlp is None:
-            attrs = [KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in self.labels if v != ""]
-            self._otlp = (HistogramDataPoint(attributes=attrs).SerializeToString(),
-                          NumberDataPoint(attributes=attrs).SerializeToString())
+            kvs = [_ld(b"\x0a", k.encode()) + _ld(b"\x12", _ld(b"\x0a", v.encode())) for k, v in self.labels if v != ""]
+            self._otlp = (b"".join(_ld(b"\x4a", kv) for kv in kvs), b"".join(_ld(b"\x3a", kv) for kv in kvs))
         return self._otlp
 
 
@@ -405,16 +402,98 @@ def _stat_items(stats: Mapping):
 
 # -- OTLP ------------------------------------------------------------------------------------
 
-CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+CUMULATIVE = 2  # AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 _DUR_BOUNDS = tuple(float(b) for b in DURATION_BUCKETS_MS)
 _BYTES_BOUNDS = tuple(float(b) for b in BYTES_BUCKETS)
+
+
+def _packed(tag: bytes, fmt: str, values) -> bytes:
+    return _ld(tag, struct.pack(f"<{len(values)}{fmt}", *values))
+
+
+_DUR_BOUNDS_FIELD = _packed(b"\x3a", "d", _DUR_BOUNDS)  # HistogramDataPoint.explicit_bounds = 7
+_BYTES_BOUNDS_FIELD = _packed(b"\x3a", "d", _BYTES_BOUNDS)
+_SUM_TAIL = b"\x10\x02\x18\x01"  # Sum.aggregation_temporality = 2 (cumulative), is_monotonic = 3
+_HIST_TAIL = b"\x10\x02"  # Histogram.aggregation_temporality = 2
+_pack_qq = struct.Struct("<BQBQ").pack  # two fixed64 fields (start, time), with their tags
+_pack_q = struct.Struct("<Q").pack
+_pack_sq = struct.Struct("<q").pack
+_pack_d = struct.Struct("<d").pack
+
+
+def _metric_head(name: str, description: str, unit: str) -> bytes:
+    """Metric.name = 1, description = 2, unit = 3 (empty ones left out, as proto3 does)."""
+    return ((_ld(b"\x0a", name.encode()) if name else b"") + (_ld(b"\x12", description.encode()) if description else b"")
+            + (_ld(b"\x1a", unit.encode()) if unit else b""))
+
+
+def _number_point(times: bytes, attrs: bytes, value) -> bytes:
+    """NumberDataPoint: start 2, time 3 (*times*), as_double 4 or as_int 6 (a oneof: written even
+    when zero), attributes 7."""
+    v = b"\x21" + _pack_d(value) if isinstance(value, float) else b"\x31" + _pack_sq(int(value))
+    return _ld(b"\x0a", times + v + attrs)  # Sum/Gauge.data_points = 1
 
 
 def encode_otlp(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int, scope_version: str = "") -> bytes:
     """A serialized ExportMetricsServiceRequest of *snap*, cumulative since *start_ns*: a monotonic
     Sum for istio_requests_total (and the sidecar's ``*_total`` stats), Histograms with explicit
-    bounds, Gauges for the other stats. Points are built in place (``add``: a message handed to a
-    constructor is copied again), the series' attributes merged in from bytes cached per series."""
+    bounds, Gauges for the other stats. Written straight to protobuf's wire format, byte for byte
+    what the message encoder writes (:func:`encode_otlp_reference`; the tests compare), with each
+    series' attributes encoded once (:meth:`Series.otlp_attributes`): no protobuf runtime in the
+    sidecar."""
+    times = (_pack_qq(0x11, start_ns, 0x19, now_ns) if start_ns and now_ns
+             else (b"\x11" + _pack_q(start_ns) if start_ns else b"") + (b"\x19" + _pack_q(now_ns) if now_ns else b""))
+    now_only = b"\x19" + _pack_q(now_ns) if now_ns else b""
+    metrics: list[bytes] = []
+    if snap.rows:  # a metric without data points is not sent
+        counts = []
+        hists: tuple[list, list, list] = ([], [], [])
+        for r in snap.rows:
+            hist_attrs, num_attrs = r.series.otlp_attributes()
+            counts.append(_number_point(times, num_attrs, r.count))
+            count = b"\x21" + _pack_q(r.count) if r.count else b""  # HistogramDataPoint.count = 4
+            for points, buckets, total, bounds in ((hists[0], r.dur, r.dur_sum, _DUR_BOUNDS_FIELD),
+                                                    (hists[1], r.req, r.req_sum, _BYTES_BOUNDS_FIELD),
+                                                    (hists[2], r.resp, r.resp_sum, _BYTES_BOUNDS_FIELD)):
+                # sum 5 (optional: always written), bucket_counts 6 and explicit_bounds 7 (packed), attributes 9
+                points.append(_ld(b"\x0a", b"".join((times, count, b"\x29", _pack_d(float(total)),
+                                                      _packed(b"\x32", "Q", buckets), bounds, hist_attrs))))
+        metrics.append(_metric_head(REQUESTS_TOTAL, _HELP[REQUESTS_TOTAL], "{request}")
+                       + _ld(b"\x3a", b"".join(counts) + _SUM_TAIL))  # Metric.sum = 7
+        for (name, unit), points in zip(((REQUEST_DURATION, "ms"), (REQUEST_BYTES, "By"), (RESPONSE_BYTES, "By")),
+                                        hists):
+            metrics.append(_metric_head(name, _HELP[name], unit)
+                           + _ld(b"\x4a", b"".join(points) + _HIST_TAIL))  # Metric.histogram = 9
+    if snap.tcp:
+        for k, (name, unit) in enumerate(((TCP_OPENED, "{connection}"), (TCP_CLOSED, "{connection}"),
+                                          (TCP_SENT, "By"), (TCP_RECEIVED, "By")), start=1):
+            points = b"".join(_number_point(times, t[0].otlp_attributes()[1], t[k]) for t in snap.tcp)
+            metrics.append(_metric_head(name, _TCP_HELP[name], unit) + _ld(b"\x3a", points + _SUM_TAIL))
+    for name, (value, help_text) in _stat_items(snap.stats):
+        value = value if isinstance(value, float) else int(value)
+        if name.endswith("_total"):
+            metrics.append(_metric_head(name, help_text, "") + _ld(b"\x3a", _number_point(times, b"", value) + _SUM_TAIL))
+        else:  # Metric.gauge = 5: a point with its time only
+            metrics.append(_metric_head(name, help_text, "") + _ld(b"\x2a", _number_point(now_only, b"", value)))
+    scope = _scope_bytes(SCOPE_NAME, scope_version)
+    body = b"".join([scope] + [_ld(b"\x12", m) for m in metrics])  # ScopeMetrics.metrics = 2
+    resource_metrics = _resource_bytes(dict(resource)) + _ld(b"\x12", body)  # ResourceMetrics.scope_metrics = 2
+    return _ld(b"\x0a", resource_metrics)  # ExportMetricsServiceRequest.resource_metrics = 1
+
+
+def encode_otlp_reference(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int,
+                          scope_version: str = "") -> bytes:
+    """:func:`encode_otlp` with the OpenTelemetry protobuf messages (the reference the tests hold
+    the wire encoder to; imported here only)."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import HistogramDataPoint, NumberDataPoint
+
+    def attributes(series) -> tuple[bytes, bytes]:
+        attrs = [KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in series.labels if v != ""]
+        return (HistogramDataPoint(attributes=attrs).SerializeToString(),
+                NumberDataPoint(attributes=attrs).SerializeToString())
+
     req_msg = ExportMetricsServiceRequest()
     rm = req_msg.resource_metrics.add()
     rm.resource.attributes.extend(KeyValue(key=k, value=any_value(v)) for k, v in resource.items())
@@ -434,7 +513,7 @@ def encode_otlp(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int, s
             hists.append(m.histogram.data_points)
         counts, (dur, req, resp) = total.sum.data_points, hists
         for r in snap.rows:
-            hist_attrs, num_attrs = r.series.otlp_attributes()
+            hist_attrs, num_attrs = attributes(r.series)
             p = counts.add(start_time_unix_nano=start_ns, time_unix_nano=now_ns, as_int=r.count)
             p.MergeFromString(num_attrs)
             for points, buckets, total_value, bounds in ((dur, r.dur, r.dur_sum, _DUR_BOUNDS),
@@ -453,7 +532,7 @@ def encode_otlp(snap: Snapshot, resource: Mapping, start_ns: int, now_ns: int, s
             m.sum.is_monotonic = True
             for t in snap.tcp:
                 p = m.sum.data_points.add(start_time_unix_nano=start_ns, time_unix_nano=now_ns, as_int=t[k])
-                p.MergeFromString(t[0].otlp_attributes()[1])
+                p.MergeFromString(attributes(t[0])[1])
     for name, (value, help_text) in _stat_items(snap.stats):
         m = metrics.add(name=name, description=help_text)
         if name.endswith("_total"):

@@ -2,8 +2,11 @@
 
 :meth:`SpanRecorder.record` appends one tuple to a bounded deque (about a microsecond) and never
 blocks: when the queue is full the span is dropped and counted. :class:`OTLPExporter` takes
-batches off the queue, encodes them into an ``ExportTraceServiceRequest`` (a pure function,
-:func:`encode_request`) and sends them with grpcio in a worker thread.
+batches off the queue, encodes them into an ``ExportTraceServiceRequest`` (:class:`SpanEncoder`:
+protobuf's wire format written directly, byte for byte what the reference message encoder,
+:func:`encode_request`, writes, with what repeats from span to span encoded once) and sends them
+over :mod:`._otlp`'s HTTP/2 connection, all in the Trio thread: encoding a slice at a time, no
+worker thread, no grpcio.
 
 Cancellation: cancelling :meth:`OTLPExporter.run` stops exporting; call :meth:`OTLPExporter.flush`
 (shielded, bounded) at shutdown to send what is still queued.
@@ -18,34 +21,34 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import grpc
 import trio
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from tracemesh.proxy._otlp import ExportError, OtlpClient
 
 log = logging.getLogger(__name__)
 
 SCOPE_NAME = "tracemesh.proxy"
 #: Spans held for export at most; beyond this they are dropped and counted (memory stays bounded).
 MAX_QUEUED_SPANS = 16_384
-#: One export request carries at most this many spans (~0.5 MB), well under gRPC's 4 MiB default.
+#: One export request carries at most this many spans (~0.7 MB), well under gRPC's 4 MiB default.
 MAX_BATCH = 1024
-#: A span is exported at most about this long after it ends.
-EXPORT_INTERVAL_S = 0.5
+#: A span is exported at most about this long after it ends. Each export costs the sidecar ~0.2 ms
+#: besides its records (a call, its frames, the wake-ups): at 0.5 s that was ~2 us a request at
+#: 200 req/s for spans and access logs; a busier sidecar fills MAX_BATCH first.
+EXPORT_INTERVAL_S = 1.0
 EXPORT_TIMEOUT_S = 10.0
+#: Records encoded between two checkpoints of the exporter (~0.1-0.2 ms of the event loop's time).
+ENCODE_SLICE = 32
 #: A batch that fails this many times in a row is dropped (counted), so one outage cannot pin memory.
 MAX_ATTEMPTS = 5
 EXPORT_PATH = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
-KIND_SERVER = Span.SpanKind.SPAN_KIND_SERVER
-KIND_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
-STATUS_UNSET = Status.StatusCode.STATUS_CODE_UNSET
-STATUS_ERROR = Status.StatusCode.STATUS_CODE_ERROR
+# Span.SpanKind and Status.StatusCode of opentelemetry-proto, as numbers: the sidecar writes the wire
+# format itself and never loads the protobuf runtime (~2.5 MB resident); the tests check them.
+KIND_SERVER = 2
+KIND_CLIENT = 3
+STATUS_UNSET = 0
+STATUS_ERROR = 2
 
 
 class SpanRecord(NamedTuple):
@@ -71,8 +74,11 @@ class RecorderStats:
     export_dropped: int = 0
 
 
-def any_value(v) -> AnyValue:
-    """A Python attribute value as OTLP's AnyValue (bool before int: bool is an int in Python)."""
+def any_value(v):
+    """A Python attribute value as OTLP's AnyValue message (bool before int: bool is an int in
+    Python). For the reference encoders (tests); it imports the protobuf messages."""
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
     if isinstance(v, bool):
         return AnyValue(bool_value=v)
     if isinstance(v, int):
@@ -82,12 +88,20 @@ def any_value(v) -> AnyValue:
     return AnyValue(string_value=str(v))
 
 
-def _kv(key: str, value) -> KeyValue:
+def _kv(key: str, value):
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
     return KeyValue(key=key, value=any_value(value))
 
 
 def encode_request(resource: dict, scope_version: str, spans: list[SpanRecord]) -> bytes:
-    """One ExportTraceServiceRequest (serialized) for *spans* under one resource and scope."""
+    """One ExportTraceServiceRequest (serialized) for *spans* under one resource and scope, built
+    with the OpenTelemetry protobuf messages: the reference :class:`SpanEncoder` is held to."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
     out = []
     for s in spans:
         out.append(Span(
@@ -112,9 +126,14 @@ _pack_d = struct.Struct("<d").pack
 _pack_q = struct.Struct("<Q").pack
 
 
+_V1 = [bytes((i,)) for i in range(128)]
+
+
 def _varint(n: int) -> bytes:
     if 0 <= n < 0x80:
-        return bytes((n,))
+        return _V1[n]
+    if 0 < n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     n &= (1 << 64) - 1  # negative int64 is ten bytes, two's complement
     while n >= 0x80:
@@ -144,41 +163,155 @@ def _any_value(v) -> bytes:
     return _ld(b"\x0a", str(v).encode())
 
 
-def _key_value(k: str, v) -> bytes:
-    prefix = _KEY_CACHE.get(k)
-    if prefix is None:
-        prefix = _ld(b"\x0a", k.encode()) if k else b""  # proto3 leaves out a default (empty) field
-        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
-            _KEY_CACHE[k] = prefix
-    return _ld(b"\x4a", prefix + _ld(b"\x12", _any_value(v)))  # Span.attributes = 9
-
-
-def _span_bytes(s: "SpanRecord") -> bytes:
-    parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
-    if s.trace_state:
-        parts.append(_ld(b"\x1a", s.trace_state.encode()))  # Span.trace_state = 3
-    if s.parent_span_id:
-        parts += [b"\x22", _varint(len(s.parent_span_id)), s.parent_span_id]
-    if s.name:
-        name = s.name.encode()
-        parts += [b"\x2a", _varint(len(name)), name]
-    if s.kind:
-        parts += [b"\x30", _varint(s.kind)]
-    if s.start_ns:
-        parts += [b"\x39", _pack_q(s.start_ns)]
-    if s.end_ns:
-        parts += [b"\x41", _pack_q(s.end_ns)]
-    parts += [_key_value(k, v) for k, v in s.attributes.items()]
-    st = (_ld(b"\x12", s.status_message.encode()) if s.status_message else b"") + (b"\x18" + _varint(s.status) if s.status else b"")
-    parts.append(_ld(b"\x7a", st))  # Span.status = 15, always present (as the message encoder writes it)
-    return _ld(b"\x12", b"".join(parts))  # ScopeSpans.spans = 2
-
-
 def encode_request_fast(resource: dict, scope_version: str, spans: list["SpanRecord"]) -> bytes:
     """The bytes of ``encode_request(resource, scope_version, spans)``, without message objects."""
-    scope_spans = _scope_bytes(SCOPE_NAME, scope_version) + b"".join(_span_bytes(s) for s in spans)
-    resource_spans = _resource_bytes(resource) + _ld(b"\x12", scope_spans)
-    return _ld(b"\x0a", resource_spans)
+    return SpanEncoder(resource, scope_version).encode(spans)
+
+
+#: Encoded values kept per attribute key (and per kind: str, int); past it that key's are forgotten
+#: and it starts over, so a key whose values never repeat (a request id) costs a bounded dict.
+VALUES_PER_KEY = 256
+#: Attribute keys with cached values at most (keys come from code: a few dozen).
+CACHED_KEYS = 512
+
+
+def _field_head(tag: int, n: int) -> bytes:
+    """A length-delimited field's tag and length (the payload follows)."""
+    if n < 0x80:
+        return bytes((tag, n))
+    if n < 0x4000:
+        return bytes((tag, (n & 0x7F) | 0x80, n >> 7))
+    return bytes((tag,)) + _varint(n)
+
+
+class AttrCache:
+    """The encoded ``KeyValue`` fields (tag *tag* and length included) of attribute (key, value)
+    pairs, for str and int values: the service, version, route, method... of a sidecar's requests
+    repeat, so each is encoded once, not once per record. Other value kinds (and a bool, which
+    would compare equal to 1) are encoded each time."""
+
+    __slots__ = ("ints", "strs", "tag")
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+        self.strs: dict[str, dict[str, bytes]] = {}
+        self.ints: dict[str, dict[int, bytes]] = {}
+
+    def plain(self, k: str, v) -> bytes:
+        """The field of (*k*, *v*), not kept (for values that seldom repeat)."""
+        prefix = _KEY_CACHE.get(k)
+        if prefix is None:
+            prefix = _ld(b"\x0a", k.encode()) if k else b""  # proto3 leaves out a default (empty) field
+            if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+                _KEY_CACHE[k] = prefix
+        if v.__class__ is str:
+            b = v.encode()
+            n = len(b)
+            if n + len(prefix) < 120:  # every length below fits one varint byte
+                return b"".join((self.tag, _V1[len(prefix) + n + 4], prefix, b"\x12", _V1[n + 2], b"\x0a", _V1[n], b))
+        return _ld(self.tag, prefix + _ld(b"\x12", _any_value(v)))
+
+    def miss(self, k: str, v) -> bytes:
+        """The field of (*k*, *v*), kept for the next time when *v* is a str or an int."""
+        b = self.plain(k, v)
+        cls = v.__class__
+        cache = self.strs if cls is str else self.ints if cls is int else None
+        if cache is not None:
+            vals = cache.get(k)
+            if vals is None:
+                if len(cache) >= CACHED_KEYS:
+                    return b
+                vals = cache[k] = {}
+            elif len(vals) >= VALUES_PER_KEY:
+                vals.clear()
+            vals[v] = b
+        return b
+
+
+_pack_times = struct.Struct("<BQBQ").pack
+_STATUS_OK = b"\x7a\x00"
+_EMPTY: dict = {}
+
+
+class SpanEncoder:
+    """``ExportTraceServiceRequest`` bytes for :class:`SpanRecord` lists of one resource and scope,
+    written straight to protobuf's wire format (byte for byte what the message encoder writes, as
+    :func:`encode_request` builds it), with the encoded resource, scope, span names and repeated
+    attribute (key, value) pairs kept (:class:`AttrCache`).
+
+    :meth:`add` encodes some spans into a list of pieces and :meth:`request` wraps the pieces in
+    one request, so a batch can be encoded a slice at a time between other work."""
+
+    def __init__(self, resource: dict, scope_version: str, scope_name: str = SCOPE_NAME) -> None:
+        self.resource = _resource_bytes(resource)
+        self.scope = _scope_bytes(scope_name, scope_version)
+        self.attrs = AttrCache(b"\x4a")  # Span.attributes = 9
+        self._names: dict[str, bytes] = {}
+
+    def encode(self, spans) -> bytes:
+        pieces: list[bytes] = []
+        self.add(pieces, spans)
+        return self.request(pieces)
+
+    def request(self, pieces: list[bytes]) -> bytes:
+        body = b"".join(pieces)
+        scope_spans = len(self.scope) + len(body)
+        head = _field_head(0x12, scope_spans)  # ResourceSpans.scope_spans = 2
+        resource_spans = len(self.resource) + len(head) + scope_spans
+        return b"".join((_field_head(0x0A, resource_spans), self.resource, head, self.scope, body))
+
+    def _name(self, name: str) -> bytes:
+        b = self._names.get(name)
+        if b is None:
+            b = _ld(b"\x2a", name.encode()) if name else b""
+            if len(self._names) >= VALUES_PER_KEY:
+                self._names.clear()
+            self._names[name] = b
+        return b
+
+    def add(self, pieces: list[bytes], spans) -> None:
+        """Append the ``ScopeSpans.spans`` fields of *spans* to *pieces*."""
+        cache = self.attrs
+        strs, ints, miss = cache.strs, cache.ints, cache.miss
+        names = self._names
+        out = pieces.append
+        for (trace_id, span_id, parent, name, kind, start, end, attributes, status, message,
+             trace_state) in spans:
+            parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
+            add = parts.append
+            if trace_state:
+                add(_ld(b"\x1a", trace_state.encode()))  # Span.trace_state = 3
+            if parent:
+                add(_field_head(0x22, len(parent)))
+                add(parent)
+            b = names.get(name)
+            add(b if b is not None else self._name(name))
+            if kind:
+                add(b"\x30" + _varint(kind))
+            if start and end:
+                add(_pack_times(0x39, start, 0x41, end))
+            else:
+                if start:
+                    add(b"\x39" + _pack_q(start))
+                if end:
+                    add(b"\x41" + _pack_q(end))
+            for k, v in attributes.items():
+                cls = v.__class__
+                if cls is str:
+                    b = strs.get(k, _EMPTY).get(v)
+                elif cls is int:
+                    b = ints.get(k, _EMPTY).get(v)
+                else:
+                    b = None
+                add(b if b is not None else miss(k, v))
+            if status or message:
+                st = (_ld(b"\x12", message.encode()) if message else b"") + (b"\x18" + _varint(status) if status else b"")
+                add(_ld(b"\x7a", st))  # Span.status = 15, always present (as the message encoder writes it)
+            else:
+                add(_STATUS_OK)
+            body = b"".join(parts)
+            out(_field_head(0x12, len(body)))  # ScopeSpans.spans = 2
+            out(body)
 
 
 def _resource_bytes(resource: dict) -> bytes:
@@ -216,48 +349,75 @@ class SpanRecorder:
 
     def take(self, n: int = MAX_BATCH) -> list[SpanRecord]:
         q = self._q
-        return [q.popleft() for _ in range(min(n, len(q)))]
+        if n >= len(q):
+            batch = list(q)
+            q.clear()
+            return batch
+        return [q.popleft() for _ in range(n)]
 
 
 class OTLPExporter:
     """Exports what *recorder* queued, in batches, off the request path. Subclasses export
     another signal from a queue of the same shape (:mod:`._accesslog`): they set
-    :attr:`export_path`, :attr:`response_type`, :attr:`what` and :meth:`encode`."""
+    :attr:`export_path`, :attr:`what` and :meth:`make_encoder`.
+
+    All of it runs in the Trio thread: a batch is encoded :data:`ENCODE_SLICE` records at a time
+    with a checkpoint between slices (so requests run between them, and no thread holds the GIL
+    while the event loop waits for it), then sent by :class:`~tracemesh.proxy._otlp.OtlpClient`,
+    whose network waits are the event loop's own. A batch that fails keeps its encoded bytes for
+    the retries."""
 
     export_path = EXPORT_PATH
-    response_type = ExportTraceServiceResponse
     what = "span"
 
-    def __init__(self, recorder: SpanRecorder, collector: str, resource: dict, scope_version: str) -> None:
+    def __init__(self, recorder: SpanRecorder, collector: str, resource: dict, scope_version: str,
+                 client: OtlpClient | None = None) -> None:
         self.recorder = recorder
         self.target = collector
         self.resource = resource
         self.scope_version = scope_version
-        self._channel = grpc.insecure_channel(collector, options=[("grpc.enable_retries", 0)])
-        self._export = self._channel.unary_unary(
-            self.export_path, request_serializer=None, response_deserializer=self.response_type.FromString)
+        #: may be shared with the other exporters of the sidecar: one connection to the collector
+        self.client = client if client is not None else OtlpClient(collector)
+        self._own_client = client is None
+        self.encoder = self.make_encoder()
+        self._encoded: tuple[list, bytes] | None = None  # (batch, its bytes) while it is retried
         self._warned_at = 0.0
 
+    def make_encoder(self):
+        return SpanEncoder(self.resource, self.scope_version)
+
     def encode(self, batch: list) -> bytes:
-        return encode_request_fast(self.resource, self.scope_version, batch)
+        return self.encoder.encode(batch)
 
-    def _send(self, payload: bytes, timeout: float) -> None:
-        self._export(payload, timeout=timeout)
-
-    def _encode_and_send(self, batch: list[SpanRecord], timeout: float) -> None:
-        self._export(self.encode(batch), timeout=timeout)
+    async def encode_sliced(self, batch: list) -> bytes:
+        """:meth:`encode`, a slice at a time, with a checkpoint between slices."""
+        enc = self.encoder
+        if len(batch) <= ENCODE_SLICE:
+            return enc.encode(batch)
+        pieces: list[bytes] = []
+        for i in range(0, len(batch), ENCODE_SLICE):
+            if i:
+                await trio.lowlevel.checkpoint()
+            enc.add(pieces, batch[i:i + ENCODE_SLICE])
+        return enc.request(pieces)
 
     async def _export_batch(self, batch: list[SpanRecord], timeout: float = EXPORT_TIMEOUT_S) -> bool:
+        encoded = self._encoded
+        if encoded is not None and encoded[0] is batch:
+            payload = encoded[1]
+        else:
+            payload = await self.encode_sliced(batch)
         try:
-            # encoding happens in the worker thread too: the event loop only hands the batch over
-            await trio.to_thread.run_sync(self._encode_and_send, batch, timeout, abandon_on_cancel=True)
-        except grpc.RpcError as exc:
+            await self.client.call(self.export_path, payload, timeout)
+        except ExportError as exc:
+            self._encoded = (batch, payload)
             self.recorder.stats.export_failures += 1
             now = time.monotonic()
             if now - self._warned_at > 10:  # one line per 10 s, not one per batch, while the collector is away
                 self._warned_at = now
-                log.warning("%s export to %s failed: %s %s", self.what, self.target, exc.code(), exc.details())
+                log.warning("%s export to %s failed: %s %s", self.what, self.target, exc.code, exc.details)
             return False
+        self._encoded = None
         self.recorder.stats.exported += len(batch)
         return True
 
@@ -282,7 +442,7 @@ class OTLPExporter:
                     attempts += 1
                     if attempts >= MAX_ATTEMPTS:
                         self.recorder.stats.export_dropped += len(pending)
-                        pending = []
+                        pending, self._encoded = [], None
                     await trio.sleep(min(0.25 * 2 ** attempts, 5.0))
                     break
         finally:
@@ -301,4 +461,5 @@ class OTLPExporter:
         self.recorder.stats.export_dropped += len(batch) + len(self.recorder)
 
     def close(self) -> None:
-        self._channel.close()
+        if self._own_client:
+            self.client.close()

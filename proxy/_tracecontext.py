@@ -72,12 +72,14 @@ def new_span_id() -> bytes:
             return n.to_bytes(8, "big")
 
 
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
+
+
 def new_request_id() -> bytes:
     """A random (version 4) UUID in its text form, as ``str(uuid.uuid4())`` makes, for ``x-request-id``."""
-    n = _getrandbits(128) & ~(0xF000 << 64) | (0x4000 << 64)  # version 4
-    n = n & ~(0xC000 << 48) | (0x8000 << 48)  # RFC 4122 variant
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+    h = (_getrandbits(128) & _UUID4_CLEAR | _UUID4_SET).to_bytes(16, "big").hex().encode()
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
 
 # -- tracestate ------------------------------------------------------------------------------
