@@ -45,22 +45,14 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-import grpc
 import h2.config
 import h2.connection
 import h2.events
 import trio
 
-from tracemesh.collector._ca_service import (
-    PATH as CA_PATH,
-    MessageError,
-    SignResponse,
-    collector_id,
-    decode_response,
-    encode_request,
-)
 from tracemesh.identity import (
     Issued,
     PeerIdentityError,
@@ -69,6 +61,14 @@ from tracemesh.identity import (
     authenticate_peer,
 )
 from tracemesh.net import Addr
+from tracemesh.proxy._otlp import STATUS_NAMES
+
+if TYPE_CHECKING:
+    from tracemesh.collector._ca_service import SignResponse
+
+# grpcio and the CA's messages (tracemesh.collector._ca_service, which imports grpcio and
+# cryptography: ~20 MB resident together) are imported by the CA client when it first calls:
+# a sidecar without an identity never does.
 
 log = logging.getLogger("tracemesh.sidecar.mtls")
 
@@ -90,7 +90,7 @@ H2_ALPN = "h2"
 #: proxy, so the inbound sidecar knows the stream is not HTTP; selected after the HTTP protocols.
 TCP_ALPN = "tracemesh-tcp"
 
-_GRPC_CODES = {c.value[0]: c.name for c in grpc.StatusCode}
+_GRPC_CODES = dict(enumerate(STATUS_NAMES))
 
 
 # -- the CA client ---------------------------------------------------------------------------
@@ -205,6 +205,11 @@ class CaClient:
         self.renewals = 0
 
     def _bootstrap(self, csr: bytes) -> SignResponse:
+        import grpc
+
+        from tracemesh.collector._ca_service import PATH as CA_PATH
+        from tracemesh.collector._ca_service import decode_response, encode_request
+
         if not self.token:
             raise CaCallError("UNAUTHENTICATED", "no valid certificate to renew with, and no join token")
         # A channel per call: bootstraps are rare, and a long-lived channel that failed to connect
@@ -222,6 +227,9 @@ class CaClient:
         return decode_response(data)
 
     def _renew(self, csr: bytes, context: ssl.SSLContext) -> SignResponse:
+        from tracemesh.collector._ca_service import PATH as CA_PATH
+        from tracemesh.collector._ca_service import collector_id, decode_response, encode_request
+
         expected = collector_id(self.identity.trust_domain)
 
         def check(tls: ssl.SSLSocket) -> None:
@@ -235,6 +243,8 @@ class CaClient:
         return decode_response(data)
 
     def obtain(self, csr: bytes) -> Issued:
+        from tracemesh.collector._ca_service import MessageError
+
         creds = self.creds
         try:
             if (creds is not None and creds.ready and self.renew_port

@@ -31,10 +31,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+if TYPE_CHECKING:  # cryptography is imported where keys and certificates are made (not by every sidecar)
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# cryptography (~9 MB resident) is imported by the functions that use it: a sidecar without an
+# identity never does.
 
 log = logging.getLogger("tracemesh.identity")
 
@@ -205,11 +209,15 @@ class SpiffeId:
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
     """A fresh ECDSA P-256 key: the mesh's workload key type (fast handshakes, small certs)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def private_key_pem(key) -> bytes:
     """Unencrypted PKCS#8 PEM. Whoever writes it to a file owns making that file 0600."""
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -220,6 +228,9 @@ def make_csr(key, spiffe_id: SpiffeId | str) -> bytes:
     The subject is empty, as in Istio's and SPIRE's SVIDs (the identity is the URI SAN alone), so
     the SAN is marked critical (RFC 5280 4.2.1.6).
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
     sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
     builder = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([]))
@@ -230,6 +241,8 @@ def make_csr(key, spiffe_id: SpiffeId | str) -> bytes:
 
 def load_pem_certs(pem: bytes | str) -> list[x509.Certificate]:
     """All certificates of a PEM blob, in order; :class:`CredentialError` if there is none."""
+    from cryptography import x509
+
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         return x509.load_pem_x509_certificates(data)
@@ -238,6 +251,8 @@ def load_pem_certs(pem: bytes | str) -> list[x509.Certificate]:
 
 
 def _uri_sans(ext_source) -> list[str]:
+    from cryptography import x509
+
     try:
         san = ext_source.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -263,6 +278,8 @@ def cert_not_after(cert: x509.Certificate) -> datetime:
 
 def cert_fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the DER, as ``openssl x509 -fingerprint -sha256`` prints it (AB:CD:...)."""
+    from cryptography.hazmat.primitives import hashes
+
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
@@ -531,6 +548,8 @@ class RotatingCredentials:
         hands its credential to its workers this way. Checked as :meth:`renew` checks the CA's
         answer (identity, key, expiry); :class:`CredentialError` leaves the current one in place."""
         with self._renew_lock:
+            from cryptography.hazmat.primitives import serialization
+
             try:
                 key = serialization.load_pem_private_key(key_pem, password=None)
                 leaf = load_pem_certs(chain_pem)[0]
