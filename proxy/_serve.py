@@ -197,7 +197,9 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
 
         control_client = ControlClient(
             control, router, service=service, version=version, address=inbound, app=app,
-            instance_id=resource["service.instance.id"],
+            # a worker's stream is named after its supervisor, so proxy-status shows one sidecar
+            instance_id=(f"{socket.gethostname()}:{os.getppid()}/w{spec.index}" if spec is not None
+                         else resource["service.instance.id"]),
             namespace=(creds.spiffe_id.namespace if creds is not None else None) or "default",
             creds=creds, cache=control_cache, sidecar_version=__version__)
     otlp = OtlpClient(str(collector))  # one connection to the collector for spans, access logs and metrics

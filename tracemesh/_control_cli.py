@@ -7,6 +7,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+import re
 from datetime import datetime, timezone
 
 from tracemesh.query.render import table
@@ -24,16 +25,38 @@ def _since(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
+#: A ``--workers`` sidecar's workers each hold a control stream, as ``HOST:PID/wINDEX`` (PID: the
+#: supervisor's): the table shows them as one sidecar.
+_WORKER = re.compile(r"^(?P<sidecar>.+)/w(?P<index>\d+)$")
+_WORST = {"NACK": 2, "STALE": 1, "SYNCED": 0}
+
+
+def _status(p: dict) -> str:
+    if p["status"] == "NACK" and p.get("nack"):
+        return f"NACK ({p['nack']['error']})"
+    return p["status"]
+
+
 def render(doc: dict) -> str:
     """The table ``proxy-status`` prints, from an ``/api/proxies`` answer."""
     rows = []
+    groups: dict[tuple, list[dict]] = {}
     for p in doc.get("proxies", []):
-        status = p["status"]
-        if status == "NACK" and p.get("nack"):
-            status = f"NACK ({p['nack']['error']})"
+        m = _WORKER.match(p["instance_id"])
+        key = (m["sidecar"], p["service"], p["version"], p["address"]) if m else (p["instance_id"], id(p))
+        groups.setdefault(key, []).append(p)
+    for key, ps in groups.items():
+        if len(ps) == 1 and not _WORKER.match(ps[0]["instance_id"]):
+            name = ps[0]["instance_id"]
+        else:
+            name = f"{key[0]} ({len(ps)} worker{'s' if len(ps) != 1 else ''})"
+        worst = max(ps, key=lambda p: _WORST.get(p["status"], 1))
+        acked = {p.get("acked_version") or "-" for p in ps}
+        since = min((p["connected_since"] for p in ps if p.get("connected_since")), default=None)
+        p = ps[0]
         # the status last: a NACK's reason can be long
-        rows.append([p["instance_id"], f"{p['service']}/{p['version']}", p["address"],
-                     p.get("acked_version") or "-", _since(p.get("connected_since")), status])
+        rows.append([name, f"{p['service']}/{p['version']}", p["address"],
+                     acked.pop() if len(acked) == 1 else "mixed", _since(since), _status(worst)])
     head = f"control plane version {doc.get('version') or '(none yet)'}"
     if doc.get("refused"):
         r = doc["refused"]

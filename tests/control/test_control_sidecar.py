@@ -185,3 +185,40 @@ def test_endpoints_join_and_leave_the_registry(tmp_path, upstreams, procs):
     upstreams["v1"].close()  # b1's app goes down: b1 reports it, and the endpoint leaves after the grace
     col.wait_proxies(lambda d: [(e["healthy"], e["routable"]) for e in d["endpoints"]["catalog"]] == [(False, False)]
                      and all_synced(2)(d), what="b1's endpoint unhealthy, then out")
+
+
+def test_a_sidecar_with_workers_is_one_row_of_proxy_status(tmp_path, upstreams, procs, tracemesh_cmd):
+    """Each of the N workers holds its own control stream (each must get the config), named
+    HOST:PID/wI after the supervisor; proxy-status shows the sidecar once, with the worst status."""
+    col = ControlCollector(tmp_path).start()
+    procs.append(col)
+    col.apply(mesh(upstreams, "v1"))
+    sc = control_sidecar(tmp_path, col, "frontend", upstreams["front"].addr, extra=("--workers", "2"))
+    procs.append(sc)
+    sc.start()
+    doc = col.wait_proxies(all_synced(2, "c1."), what="both workers on version 1")
+    ids = sorted(p["instance_id"] for p in doc["proxies"])
+    prefix = ids[0].rsplit("/", 1)[0]
+    assert ids == [f"{prefix}/w0", f"{prefix}/w1"] and prefix.endswith(f":{sc.proc.pid}")
+    assert len(doc["endpoints"]["frontend"]) == 1  # one endpoint, however many workers register it
+    out = subprocess.run([*tracemesh_cmd, "proxy-status", "--api", col.api], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if "frontend/v1" in ln]
+    assert len(rows) == 1 and f"{prefix} (2 workers)" in rows[0] and rows[0].rstrip().endswith("SYNCED")
+
+
+def test_proxy_status_folds_workers_and_shows_the_worst_of_them():
+    from tracemesh._control_cli import render
+
+    def p(iid, status, acked, nack=None):
+        return {"instance_id": iid, "service": "cart", "version": "v2", "address": "10.0.0.5:15006",
+                "acked_version": acked, "connected_since": 1.7e9, "status": status, "nack": nack}
+
+    doc = {"version": "c3.e1", "proxies": [
+        p("node:40/w0", "SYNCED", "c3.e1"), p("node:40/w1", "NACK", "c2.e1", {"error": "bad route"}),
+        p("node:41", "SYNCED", "c3.e1"), p("node:40/wx", "STALE", "c2.e1")]}
+    lines = render(doc).splitlines()
+    row = next(ln for ln in lines if "node:40 (2 workers)" in ln)
+    assert "mixed" in row and row.rstrip().endswith("NACK (bad route)")
+    assert any(ln.startswith("node:41 ") and ln.rstrip().endswith("SYNCED") for ln in lines)
+    assert any(ln.startswith("node:40/wx ") for ln in lines)  # not a worker name: shown as it is
