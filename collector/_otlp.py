@@ -43,20 +43,31 @@ class Accepted:
     message: str
 
 
-#: When on, trace exports are only validated here and ClickHouse renders them (see _native.py).
+#: When on, trace exports are only validated here and stored natively (see _native.py).
 _native_traces = False
+#: With native traces and the C extension built: _native.check_traces, which checks the request's
+#: bytes without parsing them into Python objects (see Signal.accept).
+_check_bytes = None
 
 
 def use_native_traces(on: bool) -> None:
-    """Switch the traces signal between the Python encoder and ClickHouse's own OTLP parsing."""
-    global _native_traces
+    """Switch the traces signal between the Python encoder and native ingest (_native.py)."""
+    global _native_traces, _check_bytes
     _native_traces = on
+    _check_bytes = None
+    if on:
+        from tracemesh.collector import _native
+
+        if _native._otlpc is not None:
+            _check_bytes = _native.check_traces
 
 
 def _traces(req, payload: bytes):
     if _native_traces:
         from tracemesh.collector._native import validate_traces
 
+        if _check_bytes is not None:
+            return _check_bytes(payload)
         return validate_traces(req, payload)
     cols, rej = encode_traces(req)
     return {"otel_traces": cols}, rej
@@ -94,6 +105,13 @@ class Signal:
 
     def accept(self, data: bytes) -> Accepted:
         """Parse binary protobuf and encode; raise OTLPError when the message does not parse."""
+        if self.kind == KIND_TRACES and _check_bytes is not None:
+            # checked on its bytes, in C: the same refusals as upb's parse and the Python checks
+            try:
+                batches, rej = _check_bytes(data)
+            except ValueError as exc:  # _otlpc.DecodeError
+                raise OTLPError(f"malformed {self.request_cls.__name__}: {exc}") from None
+            return Accepted(None, batches, sum(len(b) for b in batches.values()), rej.count, rej.message)
         req = self.request_cls()
         try:
             req.ParseFromString(data)

@@ -168,23 +168,28 @@ class EmbeddedStore:
 
             batch = encode_payloads(batch)
         arrow = spans_to_arrow(batch) if isinstance(batch, SpanColumns) else batch.arrow()
-        data = _arrow_stream(arrow)
+        self.insert_block(table, _arrow_stream(arrow), "ArrowStream", token)
+        return n
+
+    def insert_block(self, table: str, data: bytes, fmt: str, token: str = "") -> None:
+        """Insert *data*, already in ClickHouse input format *fmt* (``ArrowStream``, ``Native``)."""
         settings = f" SETTINGS insert_deduplication_token = '{_sql_quote(token)}'" if token else ""
         with self._write_lock:
             try:
-                with self._writer.send_insert(f"INSERT INTO {table}{settings}", "ArrowStream") as ins:
+                with self._writer.send_insert(f"INSERT INTO {table}{settings}", fmt) as ins:
                     ins.append(data)
                     ins.finish()
             except Exception as exc:
                 raise QueryError(_chdb_message(exc)) from None
-        return n
 
-    def enable_native(self, workdir, min_spans: int | None = None) -> None:
-        """Let ClickHouse parse OTLP trace requests itself from now on, for batches of at least
-        *min_spans* valid spans (default :data:`NATIVE_MIN_SPANS`; see _native.py)."""
+    def enable_native(self, workdir, min_spans: int | None = None, c_encoder: bool | None = None) -> None:
+        """Store trace batches kept as protobuf bytes (NativeTraces) natively from now on: through
+        the C encoder when it is built (*c_encoder* None) or asked for (True), every batch; else
+        ClickHouse parses them itself, for batches of at least *min_spans* valid spans (default
+        :data:`NATIVE_MIN_SPANS`; see _native.py)."""
         from tracemesh.collector._native import NATIVE_MIN_SPANS, NativeIngest
 
-        native = NativeIngest(self, workdir, NATIVE_MIN_SPANS if min_spans is None else min_spans)
+        native = NativeIngest(self, workdir, NATIVE_MIN_SPANS if min_spans is None else min_spans, c_encoder)
         native.setup()
         self.native = native
 

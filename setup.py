@@ -1,0 +1,11 @@
+"""Build the optional C extension beside the pure-Python package (the rest is in pyproject.toml).
+
+``tracemesh.collector._otlpc`` checks and encodes OTLP trace requests in C (see collector/_otlpc.c).
+It is optional: without a compiler the install still succeeds, and the collector falls back to
+its Python path.
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("tracemesh.collector._otlpc", ["collector/_otlpc.c"], optional=True,
+                             extra_compile_args=["-O2", "-std=gnu11"])])
