@@ -29,8 +29,7 @@ from typing import NamedTuple
 import trio
 
 from tracemesh.proxy._recorder import (
-    _EMPTY, EXPORT_INTERVAL_S, AttrCache, OTLPExporter, RecorderStats, SpanRecorder, _field_head, _pack_q,
-    _resource_bytes, _scope_bytes,
+    _EMPTY, EXPORT_INTERVAL_S, OTLPExporter, RecorderStats, SpanRecorder, WireEncoder, _field_head, _pack_q,
 )
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ class _Group:
         self.line_tail = f'" "{g("authority", "-")}" "{g("upstream_host", "-")}"'
 
 
-class LogEncoder:
+class LogEncoder(WireEncoder):
     """``ExportLogsServiceRequest`` bytes for :class:`AccessEntry` lists of one resource, written
     straight to protobuf's wire format with what repeats encoded once: the resource and scope,
     and per group of records that share the fields a sidecar's traffic mostly repeats (method,
@@ -183,22 +182,8 @@ class LogEncoder:
     are exactly :func:`fields` and :func:`line` of each record (the tests compare)."""
 
     def __init__(self, resource: dict, scope_version: str) -> None:
-        self.resource = _resource_bytes(resource)
-        self.scope = _scope_bytes(SCOPE_NAME, scope_version)
-        self.attrs = AttrCache(b"\x32")  # LogRecord.attributes = 6
+        super().__init__(resource, SCOPE_NAME, scope_version, b"\x32")  # LogRecord.attributes = 6
         self._groups: dict[tuple, _Group] = {}
-
-    def encode(self, entries) -> bytes:
-        pieces: list[bytes] = []
-        self.add(pieces, entries)
-        return self.request(pieces)
-
-    def request(self, pieces: list[bytes]) -> bytes:
-        body = b"".join(pieces)
-        scope_logs = len(self.scope) + len(body)
-        head = _field_head(0x12, scope_logs)  # ResourceLogs.scope_logs = 2
-        resource_logs = len(self.resource) + len(head) + scope_logs
-        return b"".join((_field_head(0x0A, resource_logs), self.resource, head, self.scope, body))
 
     def _attr_of(self, k: str, f: dict) -> bytes:
         return self._kv(k, f[k]) if k in f else b""

@@ -233,32 +233,42 @@ _STATUS_OK = b"\x7a\x00"
 _EMPTY: dict = {}
 
 
-class SpanEncoder:
-    """``ExportTraceServiceRequest`` bytes for :class:`SpanRecord` lists of one resource and scope,
-    written straight to protobuf's wire format (byte for byte what the message encoder writes, as
-    :func:`encode_request` builds it), with the encoded resource, scope, span names and repeated
-    attribute (key, value) pairs kept (:class:`AttrCache`).
+class WireEncoder:
+    """An OTLP export request (traces or logs: their envelopes have the same field numbers) of one
+    resource and scope, written straight to protobuf's wire format with the encoded resource and
+    scope kept, and repeated attribute (key, value) pairs (:class:`AttrCache`, its field tag
+    *attr_tag*). Subclasses write the records: :meth:`add` encodes some into a list of pieces and
+    :meth:`request` wraps the pieces in one request, so a batch can be encoded a slice at a time
+    between other work."""
 
-    :meth:`add` encodes some spans into a list of pieces and :meth:`request` wraps the pieces in
-    one request, so a batch can be encoded a slice at a time between other work."""
-
-    def __init__(self, resource: dict, scope_version: str, scope_name: str = SCOPE_NAME) -> None:
+    def __init__(self, resource: dict, scope_name: str, scope_version: str, attr_tag: bytes) -> None:
         self.resource = _resource_bytes(resource)
         self.scope = _scope_bytes(scope_name, scope_version)
-        self.attrs = AttrCache(b"\x4a")  # Span.attributes = 9
-        self._names: dict[str, bytes] = {}
+        self.attrs = AttrCache(attr_tag)
 
-    def encode(self, spans) -> bytes:
+    def add(self, pieces: list[bytes], records) -> None:
+        raise NotImplementedError
+
+    def encode(self, records) -> bytes:
         pieces: list[bytes] = []
-        self.add(pieces, spans)
+        self.add(pieces, records)
         return self.request(pieces)
 
     def request(self, pieces: list[bytes]) -> bytes:
         body = b"".join(pieces)
-        scope_spans = len(self.scope) + len(body)
-        head = _field_head(0x12, scope_spans)  # ResourceSpans.scope_spans = 2
-        resource_spans = len(self.resource) + len(head) + scope_spans
-        return b"".join((_field_head(0x0A, resource_spans), self.resource, head, self.scope, body))
+        scope_part = len(self.scope) + len(body)
+        head = _field_head(0x12, scope_part)  # Resource{Spans,Logs}.scope_{spans,logs} = 2
+        resource_part = len(self.resource) + len(head) + scope_part
+        return b"".join((_field_head(0x0A, resource_part), self.resource, head, self.scope, body))
+
+
+class SpanEncoder(WireEncoder):
+    """``ExportTraceServiceRequest`` bytes for :class:`SpanRecord` lists (byte for byte what the
+    message encoder writes, as :func:`encode_request` builds it), span names kept too."""
+
+    def __init__(self, resource: dict, scope_version: str, scope_name: str = SCOPE_NAME) -> None:
+        super().__init__(resource, scope_name, scope_version, b"\x4a")  # Span.attributes = 9
+        self._names: dict[str, bytes] = {}
 
     def _name(self, name: str) -> bytes:
         b = self._names.get(name)
