@@ -311,7 +311,7 @@ class ControlClient:
             tcp = await trio.open_tcp_stream(self.addr.host, self.addr.port)
             if self.creds is None:
                 return tcp, False
-            from tracemesh.collector._ca_service import collector_id
+            from tracemesh._ca_protocol import collector_id
             from tracemesh.identity import PeerIdentityError, authenticate_peer
 
             tls = trio.SSLStream(tcp, self.creds.client_context, server_hostname=None)

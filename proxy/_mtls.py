@@ -45,7 +45,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import h2.config
@@ -62,13 +61,11 @@ from tracemesh.identity import (
 )
 from tracemesh.net import Addr
 from tracemesh.proxy._otlp import STATUS_NAMES
+from tracemesh._ca_protocol import PATH as CA_PATH
+from tracemesh._ca_protocol import MessageError, SignResponse, collector_id, decode_response, encode_request
 
-if TYPE_CHECKING:
-    from tracemesh.collector._ca_service import SignResponse
-
-# grpcio and the CA's messages (tracemesh.collector._ca_service, which imports grpcio and
-# cryptography: ~20 MB resident together) are imported by the CA client when it first calls:
-# a sidecar without an identity never does.
+# The CA client speaks gRPC with h2 over plain sockets (bootstrap) and TLS (renewal): grpcio
+# (~20 MB resident) is never loaded by a sidecar.
 
 log = logging.getLogger("tracemesh.sidecar.mtls")
 
@@ -104,6 +101,29 @@ class CaCallError(Exception):
         self.code = code
 
 
+def grpc_unary(addr: Addr, path: str, payload: bytes, timeout: float = CA_CALL_TIMEOUT_S) -> bytes:
+    """One unary gRPC call in plaintext (``h2`` with prior knowledge), blocking, bounded by
+    ``timeout``: the response message's bytes, or :class:`CaCallError`."""
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CaCallError("DEADLINE_EXCEEDED", f"no answer from {addr} within {timeout:.0f}s")
+        return remaining
+
+    try:
+        raw = socket.create_connection((addr.host, addr.port), timeout=left())
+    except OSError as exc:
+        raise CaCallError("UNAVAILABLE", f"cannot connect to the CA at {addr}: {exc.strerror or exc}") from None
+    try:
+        return _h2_exchange(raw, addr, path, payload, left, "http")
+    except OSError as exc:
+        raise CaCallError("UNAVAILABLE", f"the call to the CA at {addr} broke: {exc}") from None
+    finally:
+        raw.close()
+
+
 def grpc_unary_tls(addr: Addr, context: ssl.SSLContext, path: str, payload: bytes, *,
                    check_peer: Callable[[ssl.SSLSocket], None], timeout: float = CA_CALL_TIMEOUT_S) -> bytes:
     """One unary gRPC call over TLS (``h2``), blocking, bounded by ``timeout``: the response
@@ -135,18 +155,18 @@ def grpc_unary_tls(addr: Addr, context: ssl.SSLContext, path: str, payload: byte
             if tls.selected_alpn_protocol() != "h2":
                 raise CaCallError("UNAVAILABLE", f"the CA at {addr} did not negotiate h2 "
                                                  f"(got {tls.selected_alpn_protocol()!r})")
-            return _h2_exchange(tls, addr, path, payload, left)
+            return _h2_exchange(tls, addr, path, payload, left, "https")
     except (OSError, ssl.SSLError) as exc:
         raise CaCallError("UNAVAILABLE", f"the call to the CA at {addr} broke: {exc}") from None
     finally:
         raw.close()
 
 
-def _h2_exchange(tls: ssl.SSLSocket, addr: Addr, path: str, payload: bytes, left) -> bytes:
+def _h2_exchange(tls: socket.socket, addr: Addr, path: str, payload: bytes, left, scheme: str) -> bytes:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":path", path),
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", scheme), (":path", path),
                             (":authority", str(addr)), ("content-type", "application/grpc"),
                             ("te", "trailers"), ("grpc-timeout", f"{max(1, int(left() * 1000))}m")])
     conn.send_data(sid, b"\x00" + len(payload).to_bytes(4, "big") + payload, end_stream=True)
@@ -205,31 +225,14 @@ class CaClient:
         self.renewals = 0
 
     def _bootstrap(self, csr: bytes) -> SignResponse:
-        import grpc
-
-        from tracemesh.collector._ca_service import PATH as CA_PATH
-        from tracemesh.collector._ca_service import decode_response, encode_request
-
         if not self.token:
             raise CaCallError("UNAUTHENTICATED", "no valid certificate to renew with, and no join token")
-        # A channel per call: bootstraps are rare, and a long-lived channel that failed to connect
-        # keeps failing calls fast for its own reconnect backoff (up to 2 min) after the
-        # collector is back; our caller already backs off.
-        channel = grpc.insecure_channel(str(self.collector), options=[("grpc.enable_retries", 0)])
-        try:
-            call = channel.unary_unary(CA_PATH, request_serializer=None, response_deserializer=None)
-            data = call(encode_request(csr, self.token), timeout=self.timeout, wait_for_ready=False)
-        except grpc.RpcError as exc:
-            raise CaCallError(exc.code().name, exc.details() or "") from None
-        finally:
-            channel.close()
+        # a connection per call: bootstraps are rare, and our caller backs off between them
+        data = grpc_unary(self.collector, CA_PATH, encode_request(csr, self.token), timeout=self.timeout)
         self.bootstraps += 1
         return decode_response(data)
 
     def _renew(self, csr: bytes, context: ssl.SSLContext) -> SignResponse:
-        from tracemesh.collector._ca_service import PATH as CA_PATH
-        from tracemesh.collector._ca_service import collector_id, decode_response, encode_request
-
         expected = collector_id(self.identity.trust_domain)
 
         def check(tls: ssl.SSLSocket) -> None:
@@ -243,8 +246,6 @@ class CaClient:
         return decode_response(data)
 
     def obtain(self, csr: bytes) -> Issued:
-        from tracemesh.collector._ca_service import MessageError
-
         creds = self.creds
         try:
             if (creds is not None and creds.ready and self.renew_port

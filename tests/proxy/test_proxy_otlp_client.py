@@ -297,3 +297,8 @@ def test_the_span_constants_are_opentelemetry_protos_and_the_sidecar_loads_no_pr
     out = subprocess.run([sys.executable, "-c", code],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == "False"
+    # nor grpcio, even with mTLS (the CA client speaks gRPC with h2), nor cryptography until keys are made
+    code = "import sys, tracemesh.proxy._mtls; print('grpc' in sys.modules, 'cryptography' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "False False"
