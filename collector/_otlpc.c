@@ -786,6 +786,27 @@ static int shortest_digits(double v, char *digits, int *decpt) {
     return nd;
 }
 
+/* digits d[0..nd) with the decimal point after decpt of them, in positional notation (no
+ * exponent): "0.000ddd", "ddd000" followed by int_suffix (".0" for Python's repr, "" for Go's), or
+ * "dd.ddd" */
+static void put_positional(buf_t *b, const char *d, int nd, int decpt, const char *int_suffix, int *oom) {
+    if (decpt <= 0) {
+        put_cstr(b, "0.", oom);
+        for (int i = 0; i < -decpt; i++)
+            put_cstr(b, "0", oom);
+        buf_put(b, d, (size_t)nd, oom);
+    } else if (decpt >= nd) {
+        buf_put(b, d, (size_t)nd, oom);
+        for (int i = 0; i < decpt - nd; i++)
+            put_cstr(b, "0", oom);
+        put_cstr(b, int_suffix, oom);
+    } else {
+        buf_put(b, d, (size_t)decpt, oom);
+        put_cstr(b, ".", oom);
+        buf_put(b, d + decpt, (size_t)(nd - decpt), oom);
+    }
+}
+
 /* format_double: Go's FormatFloat(v, 'f', -1, 64) */
 static void put_go_double(buf_t *b, double v, int *oom) {
     if (isnan(v)) {
@@ -805,20 +826,7 @@ static void put_go_double(buf_t *b, double v, int *oom) {
     }
     char d[24];
     int decpt, nd = shortest_digits(v, d, &decpt);
-    if (decpt <= 0) {
-        put_cstr(b, "0.", oom);
-        for (int i = 0; i < -decpt; i++)
-            put_cstr(b, "0", oom);
-        buf_put(b, d, (size_t)nd, oom);
-    } else if (decpt >= nd) {
-        buf_put(b, d, (size_t)nd, oom);
-        for (int i = 0; i < decpt - nd; i++)
-            put_cstr(b, "0", oom);
-    } else {
-        buf_put(b, d, (size_t)decpt, oom);
-        put_cstr(b, ".", oom);
-        buf_put(b, d + decpt, (size_t)(nd - decpt), oom);
-    }
+    put_positional(b, d, nd, decpt, "", oom);
 }
 
 /* a double inside JSON, as _json_value and json.dumps write it */
@@ -854,21 +862,7 @@ static void put_json_double(buf_t *b, double v, int *oom) {
     char d[24];
     int decpt, nd = shortest_digits(a, d, &decpt);
     if (decpt > -4 && decpt <= 16) {
-        if (decpt <= 0) {
-            put_cstr(b, "0.", oom);
-            for (int i = 0; i < -decpt; i++)
-                put_cstr(b, "0", oom);
-            buf_put(b, d, (size_t)nd, oom);
-        } else if (decpt >= nd) {
-            buf_put(b, d, (size_t)nd, oom);
-            for (int i = 0; i < decpt - nd; i++)
-                put_cstr(b, "0", oom);
-            put_cstr(b, ".0", oom);
-        } else {
-            buf_put(b, d, (size_t)decpt, oom);
-            put_cstr(b, ".", oom);
-            buf_put(b, d + decpt, (size_t)(nd - decpt), oom);
-        }
+        put_positional(b, d, nd, decpt, ".0", oom);
     } else {
         buf_put(b, d, 1, oom);
         if (nd > 1) {

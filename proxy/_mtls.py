@@ -101,9 +101,9 @@ class CaCallError(Exception):
         self.code = code
 
 
-def grpc_unary(addr: Addr, path: str, payload: bytes, timeout: float = CA_CALL_TIMEOUT_S) -> bytes:
-    """One unary gRPC call in plaintext (``h2`` with prior knowledge), blocking, bounded by
-    ``timeout``: the response message's bytes, or :class:`CaCallError`."""
+def _connect(addr: Addr, timeout: float) -> tuple[socket.socket, Callable[[], float]]:
+    """A connection to the CA at *addr*, and a function that gives the time left of *timeout*
+    (raising DEADLINE_EXCEEDED once it is spent)."""
     deadline = time.monotonic() + timeout
 
     def left() -> float:
@@ -113,9 +113,15 @@ def grpc_unary(addr: Addr, path: str, payload: bytes, timeout: float = CA_CALL_T
         return remaining
 
     try:
-        raw = socket.create_connection((addr.host, addr.port), timeout=left())
+        return socket.create_connection((addr.host, addr.port), timeout=left()), left
     except OSError as exc:
         raise CaCallError("UNAVAILABLE", f"cannot connect to the CA at {addr}: {exc.strerror or exc}") from None
+
+
+def grpc_unary(addr: Addr, path: str, payload: bytes, timeout: float = CA_CALL_TIMEOUT_S) -> bytes:
+    """One unary gRPC call in plaintext (``h2`` with prior knowledge), blocking, bounded by
+    ``timeout``: the response message's bytes, or :class:`CaCallError`."""
+    raw, left = _connect(addr, timeout)
     try:
         return _h2_exchange(raw, addr, path, payload, left, "http")
     except OSError as exc:
@@ -129,18 +135,7 @@ def grpc_unary_tls(addr: Addr, context: ssl.SSLContext, path: str, payload: byte
     """One unary gRPC call over TLS (``h2``), blocking, bounded by ``timeout``: the response
     message's bytes, or :class:`CaCallError`. ``check_peer`` runs right after the handshake and
     before anything is sent; it raises to refuse the server."""
-    deadline = time.monotonic() + timeout
-
-    def left() -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CaCallError("DEADLINE_EXCEEDED", f"no answer from {addr} within {timeout:.0f}s")
-        return remaining
-
-    try:
-        raw = socket.create_connection((addr.host, addr.port), timeout=left())
-    except OSError as exc:
-        raise CaCallError("UNAVAILABLE", f"cannot connect to the CA at {addr}: {exc.strerror or exc}") from None
+    raw, left = _connect(addr, timeout)
     try:
         with context.wrap_socket(raw, server_side=False, do_handshake_on_connect=False) as tls:
             try:
