@@ -616,6 +616,22 @@ class _Req:
         except trio.TooSlowError:
             raise ProxyError(408, "DC", "request body stalled") from None
 
+    async def next_data(self, span) -> tuple[bytes, int] | None:
+        """The request body's next DATA and its flow-controlled length, counted on *span* and kept
+        for a retry (:meth:`keep`); None once the body ended (its trailers, if any, in
+        ``trailers``). The caller acknowledges the length once the data is passed on."""
+        while not self.ended:
+            item = await self.next_item()
+            if item[0] == "data":
+                span.req_bytes += len(item[1])
+                self.keep(item[1])
+                return item[1], item[2]
+            if item[0] == "trailers":
+                self.trailers = item[1]
+            elif item[0] == "end":
+                self.ended = True
+        return None
+
     def keep(self, data: bytes) -> None:
         """Keep *data* for a retry while the body so far fits MAX_RETRY_BODY; past it, keep nothing
         (too big to send twice: no retry from now on)."""
@@ -916,21 +932,13 @@ class H2Server:
             with scope:
                 for chunk in list(req.kept or ()):
                     await conn.send_data(us, chunk)
-                while not req.ended:
-                    item = await req.next_item()
-                    if item[0] == "data":
-                        data, n = item[1], item[2]
-                        span.req_bytes += len(data)
-                        req.keep(data)
-                        try:  # flushed with what follows when that is already here
-                            await conn.send_data(us, data, flush=not req.ds.has_next())
-                        finally:
-                            req.ds.ack(n)
-                            await self.conn.flush()
-                    elif item[0] == "trailers":
-                        req.trailers = item[1]
-                    elif item[0] == "end":
-                        req.ended = True
+                while (got := await req.next_data(span)) is not None:
+                    data, n = got
+                    try:  # flushed with what follows when that is already here
+                        await conn.send_data(us, data, flush=not req.ds.has_next())
+                    finally:
+                        req.ds.ack(n)
+                        await self.conn.flush()
                 if req.trailers is not None:
                     await conn.send_headers(us, req.trailers, end=True)
                 else:

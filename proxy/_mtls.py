@@ -45,7 +45,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 import h2.config
 import h2.connection
@@ -60,7 +59,7 @@ from tracemesh.identity import (
     authenticate_peer,
 )
 from tracemesh.net import Addr
-from tracemesh.proxy._otlp import STATUS_NAMES
+from tracemesh.proxy._otlp import ExportError, unary_answer
 from tracemesh._ca_protocol import PATH as CA_PATH
 from tracemesh._ca_protocol import MessageError, SignResponse, collector_id, decode_response, encode_request
 
@@ -86,8 +85,6 @@ H2_ALPN = "h2"
 #: Opaque TCP between sidecars (:mod:`tracemesh.proxy._tcp`): offered alone by the outbound TCP
 #: proxy, so the inbound sidecar knows the stream is not HTTP; selected after the HTTP protocols.
 TCP_ALPN = "tracemesh-tcp"
-
-_GRPC_CODES = dict(enumerate(STATUS_NAMES))
 
 
 # -- the CA client ---------------------------------------------------------------------------
@@ -158,7 +155,7 @@ def grpc_unary_tls(addr: Addr, context: ssl.SSLContext, path: str, payload: byte
 
 
 def _h2_exchange(tls: socket.socket, addr: Addr, path: str, payload: bytes, left, scheme: str) -> bytes:
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
     conn.send_headers(sid, [(":method", "POST"), (":scheme", scheme), (":path", path),
@@ -166,7 +163,7 @@ def _h2_exchange(tls: socket.socket, addr: Addr, path: str, payload: bytes, left
                             ("te", "trailers"), ("grpc-timeout", f"{max(1, int(left() * 1000))}m")])
     conn.send_data(sid, b"\x00" + len(payload).to_bytes(4, "big") + payload, end_stream=True)
     tls.sendall(conn.data_to_send())
-    meta: dict[str, str] = {}
+    meta: dict[bytes, bytes] = {}
     body = bytearray()
     ended = False
     while not ended:
@@ -191,15 +188,10 @@ def _h2_exchange(tls: socket.socket, addr: Addr, path: str, payload: bytes, left
         out = conn.data_to_send()
         if out:
             tls.sendall(out)
-    status = meta.get("grpc-status")
-    if status is None:
-        raise CaCallError("UNKNOWN", f"the CA answered without a grpc-status (HTTP {meta.get(':status')})")
-    if status != "0":
-        code = _GRPC_CODES.get(int(status), f"status {status}") if status.isdigit() else status
-        raise CaCallError(code, unquote(meta.get("grpc-message", "")))
-    if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
-        raise CaCallError("INTERNAL", "the CA's answer is not one uncompressed gRPC message")
-    return bytes(body[5:])
+    try:
+        return unary_answer(meta, body, "the CA's answer")
+    except ExportError as exc:
+        raise CaCallError(exc.code, exc.details) from None
 
 
 class CaClient:

@@ -54,6 +54,23 @@ class ExportError(Exception):
         self.code, self.details = code, details
 
 
+def unary_answer(meta: dict[bytes, bytes], body: bytes | bytearray, who: str = "the answer") -> bytes:
+    """The message of a unary gRPC answer, from its headers and trailers (*meta*) and its DATA
+    (*body*); :class:`ExportError` with the status name and message when it is not OK, and when
+    it is not one uncompressed message."""
+    status = meta.get(b"grpc-status")
+    if status is None:
+        raise ExportError("UNKNOWN" if meta.get(b":status", b"200") == b"200" else "UNAVAILABLE",
+                          f"no grpc-status in {who} (HTTP {meta.get(b':status', b'?').decode('latin-1')})")
+    if status != b"0":
+        code = int(status) if status.isdigit() else -1
+        name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else f"status {status.decode('latin-1')}"
+        raise ExportError(name, unquote(meta.get(b"grpc-message", b"").decode("latin-1")))
+    if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+        raise ExportError("INTERNAL", f"{who} is not one uncompressed gRPC message")
+    return bytes(body[5:])
+
+
 class _Retry(Exception):
     """The server never took the call (it left the kept connection first): safe to send again."""
 
@@ -195,19 +212,10 @@ class OtlpClient:
         self.calls += 1
         if st.reset is not None:
             return ExportError("UNAVAILABLE", st.reset)
-        meta = st.meta
-        status = meta.get(b"grpc-status")
-        if status is None:
-            return ExportError("UNKNOWN" if meta.get(b":status", b"200") == b"200" else "UNAVAILABLE",
-                               f"no grpc-status in the answer (HTTP {meta.get(b':status', b'?').decode('latin-1')})")
-        if status != b"0":
-            code = int(status) if status.isdigit() else -1
-            name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else f"status {status.decode('latin-1')}"
-            return ExportError(name, unquote(meta.get(b"grpc-message", b"").decode("latin-1")))
-        body = st.body
-        if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
-            return ExportError("INTERNAL", "the answer is not one uncompressed gRPC message")
-        return bytes(body[5:])
+        try:
+            return unary_answer(st.meta, st.body)
+        except ExportError as exc:
+            return exc
 
     async def _receive(self, sid: int, st: _Stream, reused: bool) -> None:
         data = await self._sock.receive_some(65536)

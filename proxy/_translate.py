@@ -207,24 +207,17 @@ async def _h1_send(server, req, uc, out: h11.Request, span: _Span) -> None:
         pending += u.send(h11.Data(data=chunk))
         if len(pending) >= COALESCE_BYTES:
             await flush()
-    while not req.ended:
+    if not req.ended:  # a bodiless request's head leaves with its end, in one send
         await flush()
-        item = await req.next_item()
-        if item[0] == "data":
-            data, n = item[1], item[2]
-            span.req_bytes += len(data)
-            req.keep(data)
-            if data:
-                pending += u.send(h11.Data(data=data))
-            try:
-                await flush()
-            finally:
-                req.ds.ack(n)
-                await server.conn.flush()
-        elif item[0] == "trailers":
-            req.trailers = item[1]
-        elif item[0] == "end":
-            req.ended = True
+    while (got := await req.next_data(span)) is not None:
+        data, n = got
+        if data:
+            pending += u.send(h11.Data(data=data))
+        try:
+            await flush()
+        finally:
+            req.ds.ack(n)
+            await server.conn.flush()
     pending += u.send(h11.EndOfMessage())
     await flush()
 
