@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
+from tracemesh._proc import freeze_startup_objects
 from tracemesh.collector import _selfmetrics
 from tracemesh.collector._api import QueryAPI
 from tracemesh.collector._config_store import ConfigStore, ConfigStoreError
@@ -213,6 +214,7 @@ async def _main(opts: CollectorOptions) -> int:
                 otlp_http.ready = True
                 where_http = f", OTLP/HTTP on {opts.otlp_http.host}:{http_listeners[0].socket.getsockname()[1]}"
             api_handler.store = store
+            freeze_startup_objects()
             api_handler.ready = True
             print(f"tracemesh collector: OTLP/gRPC on {opts.otlp_grpc.host}:{port}{where_http}, "
                   f"query API on {api_url}, store {_store_name(opts)}", flush=True)

@@ -14,7 +14,6 @@ SIGTERM/SIGINT: stop accepting, give open exchanges
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from functools import partial
 import trio
 
 from tracemesh import __version__
+from tracemesh._proc import freeze_startup_objects
 from tracemesh.httpserve import serve_http
 from tracemesh.net import Addr
 from tracemesh.proxy._accesslog import DEFAULT_MODE as DEFAULT_ACCESS_LOG
@@ -98,15 +98,6 @@ async def _tcp_listeners(listen, sidecar: Sidecar, outbound: tuple[tuple[Addr, s
         out.append((await listen(addr), partial(sidecar.tcp.serve_inbound, app=app)))
         log.info("TCP inbound %s -> app %s", addr, app)
     return out
-
-
-def _freeze_startup_objects() -> None:
-    """What start-up made (modules, the config, the exporters) lives as long as the process: out of
-    the cycle collector's reach with it (:func:`gc.freeze`), so that a full collection under load
-    walks what requests made, not the ~50,000 start-up objects too (30 ms and more on a busy
-    machine: a latency spike for every request waiting meanwhile)."""
-    gc.collect()
-    gc.freeze()
 
 
 #: The longest another Python thread may hold the GIL while the event loop waits for it (the
@@ -287,7 +278,7 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
                                 n.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=conns))
 
                 conns.start_soon(accept_loop)
-                _freeze_startup_objects()
+                freeze_startup_objects()
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
                 readiness.listening = True
                 if spec is not None:  # the supervisor prints the banner once every worker reported
