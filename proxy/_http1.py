@@ -67,6 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
+from tracemesh import _h1fast
 from tracemesh._h11io import READ_CHUNK
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.net import Addr
@@ -478,7 +479,7 @@ class Sidecar:
         """HTTP/1.1 on *stream*, *initial* being what was read from it already; the first request
         head must be complete within *first_timeout*."""
         stream = FastStream.wrap(stream)  # plain TCP: no trip through the scheduler per read and write
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        conn = _h1fast.connection(h11.SERVER, MAX_HEADER_BYTES)
         if initial:
             conn.receive_data(initial)
         first = True
@@ -818,10 +819,10 @@ class Sidecar:
         if dconn.client_is_waiting_for_100_continue:
             # as Envoy does by default: answer 100 ourselves rather than relaying the upstream's
             await dstream.send_all(dconn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        # _parsed: the headers are the parsed request's (checked by h11's parser) and our own (trace
-        # context, request id, peer, XFCC, Host), which are valid by construction; h11 still checks
-        # the method and the target
-        out_req = h11.Request(method=req.method, target=target.encode("ascii"), headers=headers, _parsed=True)
+        # as h11.Request(..., _parsed=True): the headers are the parsed request's (checked by h11's
+        # parser) and our own (trace context, request id, peer, XFCC, Host), which are valid by
+        # construction; the method and the target are still checked
+        out_req = _h1fast.request(req.method, target.encode("ascii"), headers)
         route = sel.route if sel is not None else None
         timeout = route.timeout_s if route is not None and route.timeout_s else ROUTE_TIMEOUT_S
         deadline = trio.current_time() + timeout
@@ -1107,9 +1108,9 @@ class Sidecar:
         # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0
         headers = _forwardable(_header_list(resp.headers))
         span.status = resp.status_code
-        # _parsed: every header, the status and the reason came out of h11's parser, which checked
-        # them; h11 need not run its regexes over them again
-        out = dconn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason, _parsed=True))
+        # as h11.Response(..., _parsed=True): every header, the status and the reason came out of
+        # h11's parser, which checked them; h11 need not run its regexes over them again
+        out = dconn.send(_h1fast.response(resp.status_code, headers, resp.reason))
         u = uc.h11
         # Coalesced as in _send_request: a small response that arrived in one read leaves in one send.
         while True:

@@ -17,6 +17,7 @@ import trio
 
 from tracemesh.identity import SpiffeId
 from tracemesh.net import Addr
+from tracemesh import _h1fast
 from tracemesh.proxy._sockio import FastStream
 
 MAX_IDLE_PER_ENDPOINT = 64
@@ -94,7 +95,7 @@ class Pool:
         self.opened += 1
         # plain TCP: no trip through the scheduler per read and write (TLS keeps trio's SSLStream)
         return UpstreamConn(addr, FastStream.wrap(stream),
-                            h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES),
+                            _h1fast.connection(h11.CLIENT, MAX_HEADER_BYTES),
                             security=security, peer=peer)
 
     async def connect(self, addr: Addr, security: Security = PLAINTEXT,

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
+from tracemesh import _h1fast
 from tracemesh._h11io import next_event as _next_event
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response
 
 
 async def _serve_connection(stream: trio.SocketStream, handler: Handler, max_body: int) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    conn = _h1fast.connection(h11.SERVER, MAX_HEADER_BYTES)  # h11, hostile heads refused in linear time
     try:
         peer = "%s:%s" % stream.socket.getpeername()[:2]
     except OSError:

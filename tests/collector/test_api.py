@@ -324,6 +324,19 @@ def test_malformed_http_is_refused_and_the_server_keeps_serving(collector, data,
     assert_serving(collector)
 
 
+def test_hostile_header_line_is_refused_at_once(collector):
+    """h11's header-line regex is quadratic in a run of whitespace before a bad byte: ~10 s of the
+    server's only thread for one such 60 KB head with h11 alone. Refused in linear time
+    (tracemesh/_h1fast.py), while the server keeps answering others."""
+    head = b"GET /ready HTTP/1.1\r\nHost: x\r\nX:" + b" " * (MAX_HEADER_BYTES - 100) + b"\x00\r\n\r\n"
+    t0 = time.monotonic()
+    resp = raw_http(collector, head)
+    assert status_of(resp) == 400, resp[:300]
+    assert b"illegal header line" in resp
+    assert time.monotonic() - t0 < 2  # h11 alone: ~10 s on this machine
+    assert_serving(collector)
+
+
 def test_oversized_request_head_is_431(collector):
     resp = raw_http(collector, b"GET /ready HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (3 * MAX_HEADER_BYTES) + b"\r\n\r\n")
     assert status_of(resp) == 431
