@@ -66,6 +66,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
+from h11._writers import ChunkedWriter as _ChunkedWriter
 
 from tracemesh import _h1fast
 from tracemesh._h11io import READ_CHUNK
@@ -268,6 +269,37 @@ def _forwardable(headers) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers, and any header named in ``Connection``."""
     named = _connection_tokens(headers)
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+#: Fields never passed on as trailers, whatever a sender put there: hop-by-hop ones, and those a
+#: recipient needs before the body or that route, frame, authenticate or describe the content
+#: (RFC 9110 6.5.1; the names Go's net/http refuses as trailers).
+NOT_TRAILERS = HOP_BY_HOP | frozenset({
+    b"authorization", b"cache-control", b"content-encoding", b"content-length", b"content-range",
+    b"content-type", b"host", b"max-forwards", b"pragma", b"range", b"realm", b"www-authenticate",
+})
+
+
+def _trailer_fields(trailers, named=frozenset()) -> list[tuple[bytes, bytes]]:
+    """The fields of a trailer section that may be passed on: not :data:`NOT_TRAILERS`, no
+    pseudo-header, none named in ``Connection`` (the message head's, *named*, or the section's)."""
+    if not trailers:
+        return []
+    named = named | _connection_tokens(trailers)
+    return [(k, v) for k, v in trailers if k not in NOT_TRAILERS and k not in named and not k.startswith(b":")]
+
+
+def _end_of_message(conn: h11.Connection, trailers=(), head=()) -> h11.EndOfMessage:
+    """The end of the message *conn* is sending, with *trailers* (as :func:`_trailer_fields` lets
+    them pass, *head* being the message's header fields) when its body is chunked; else they are
+    dropped: RFC 9112 has no place for them after a Content-Length body or an HTTP/1.0 peer's
+    close-delimited one, and h11 (which raises then, breaking the connection) has no public way
+    to ask which framing it chose: its writer says."""
+    if trailers and isinstance(getattr(conn, "_writer", None), _ChunkedWriter):
+        fields = _trailer_fields(trailers, _connection_tokens(head) if head else frozenset())
+        if fields:
+            return h11.EndOfMessage(headers=fields)
+    return h11.EndOfMessage()
 
 
 def _upgrade_token(headers) -> bytes | None:
@@ -1053,6 +1085,7 @@ class Sidecar:
                 data, pending = pending, b""
                 await _send_request_bytes(uc, data)
 
+        trailers = ()
         try:
             while body is None and dconn.their_state is h11.SEND_BODY:  # a bodiless request still has its EndOfMessage to read
                 ev = await _body_event(dconn, dstream, before_wait=flush)
@@ -1062,10 +1095,11 @@ class Sidecar:
                     if len(pending) >= COALESCE_BYTES:
                         await flush()
                 elif isinstance(ev, h11.EndOfMessage):
+                    trailers = ev.headers  # passed on when the request goes chunked (_end_of_message)
                     break
                 else:
                     raise _DownstreamGone()
-            pending += u.send(h11.EndOfMessage())
+            pending += u.send(_end_of_message(u, trailers))
             await flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _UpstreamGone(f"sending the request failed ({exc})") from None
@@ -1137,8 +1171,8 @@ class Sidecar:
                     if len(out) >= COALESCE_BYTES:
                         await dstream.send_all(out)
                         out = b""
-                elif isinstance(ev, h11.EndOfMessage):
-                    await dstream.send_all(out + dconn.send(h11.EndOfMessage()))
+                elif isinstance(ev, h11.EndOfMessage):  # its trailers too, if the downstream's body is chunked
+                    await dstream.send_all(out + dconn.send(_end_of_message(dconn, ev.headers, resp.headers)))
                     return
                 else:
                     span.flag, span.message = "UC", "upstream closed mid-response"

@@ -33,7 +33,7 @@ decreased by the time spent here. Retries read ``grpc-status`` of a trailers-onl
 The next hop's HTTP version follows the client unless the config (a service's declared port
 protocol) or ``--app-protocol`` says otherwise; :mod:`._translate` then runs an attempt over
 HTTP/1.1 (``_Req.h1``), and a gRPC call that would need HTTP/1.1 is refused. A route's ``mirror``
-copies a stream as HTTP/1.1's does (:func:`._translate.mirror_from_h2`).
+copies a stream as HTTP/1.1's does, its body teed as it streams (:func:`._translate.mirror_from_h2`).
 
 **Hostile input.** h2 turns protocol errors into GOAWAY (we send it, then close); header lists
 over :data:`MAX_HEADER_BYTES` are a protocol error to h2 as well (ENHANCE_YOUR_CALM); a frame
@@ -600,9 +600,11 @@ class _Req:
     kept: list[bytes] | None = field(default_factory=list)  # the body so far, for a retry; None past MAX_RETRY_BODY
     kept_size: int = 0
     trailers: list | None = None
+    trailer_names: bytes | None = None  # the head's ``trailer`` field: trailers announced (see _translate._h1_framing)
     failure: BaseException | None = None  # from the body pump
     pump: trio.CancelScope | None = None  # the current attempt's body pump
     h1: bool = False  # the next hop speaks HTTP/1.1: attempts go through _translate.try_h1
+    tee: _translate._Tee | None = None  # a mirrored copy of the body, fed by next_data
 
     @property
     def replayable(self) -> bool:
@@ -618,18 +620,23 @@ class _Req:
 
     async def next_data(self, span) -> tuple[bytes, int] | None:
         """The request body's next DATA and its flow-controlled length, counted on *span* and kept
-        for a retry (:meth:`keep`); None once the body ended (its trailers, if any, in
-        ``trailers``). The caller acknowledges the length once the data is passed on."""
+        for a retry (:meth:`keep`) and teed to a mirrored copy (``tee``); None once the body ended
+        (its trailers, if any, in ``trailers``). The caller acknowledges the length once the data
+        is passed on."""
         while not self.ended:
             item = await self.next_item()
             if item[0] == "data":
                 span.req_bytes += len(item[1])
                 self.keep(item[1])
+                if self.tee is not None:
+                    self.tee.feed(item[1])
                 return item[1], item[2]
             if item[0] == "trailers":
                 self.trailers = item[1]
             elif item[0] == "end":
                 self.ended = True
+                if self.tee is not None:
+                    self.tee.end()
         return None
 
     def keep(self, data: bytes) -> None:
@@ -661,6 +668,7 @@ class H2Server:
         authority_b = pseudo.get(b":authority") or _header(headers, b"host") or b""
         span, request_id = _start_span(start_ns, headers)
         req = _Req(ds, pseudo.get(b":method", b"GET"), authority_b, ended, _is_grpc(headers))
+        req.trailer_names = _header(headers, b"trailer")
         a = span.attrs
         rpc_name = None
         if req.grpc:
@@ -762,7 +770,7 @@ class H2Server:
         if req.h1 and req.grpc:
             raise _translate.grpc_refusal(dest, sc)
         if route is not None and route.mirror is not None:
-            await _translate.mirror_from_h2(self, req, headers, target, route, span, timeout)
+            _translate.mirror_from_h2(self, req, headers, target, route, span, timeout)
         state = sel.state if sel is not None else None
         tried: list = []
         retries = 0
@@ -807,6 +815,8 @@ class H2Server:
         finally:
             if in_retry:
                 state.budget.retry_done()
+            if req.tee is not None:
+                req.tee.close()  # a mirrored copy still waiting for the body's end would wait forever
 
     def _retry_wanted(self, outcome: Outcome | None, policy, state, retries: int, deadline: float, req: _Req) -> str:
         """"retry", "no" or "exhausted" (retriable, but no retry is left or allowed)."""

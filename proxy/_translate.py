@@ -17,27 +17,44 @@ mirror service.
 **Translation** reuses both upstream paths. HTTP/2 -> HTTP/1.1 (:func:`try_h1`, one attempt of
 :meth:`._http2.H2Server.forward` in place of its ``_try``): the stream's pseudo-headers become
 the request line and ``Host`` (``cookie`` crumbs joined), the body streams from the stream's
-inbox to a kept-alive h11 connection of :class:`._pool.Pool` (chunked unless the stream had a
-``content-length``), kept for a retry as HTTP/2's pump keeps it; the response head and body go
-back as HEADERS and DATA under the downstream's flow control. Request and response trailers
-are dropped (HTTP/1.1 has nowhere to put them) — which is why a gRPC call whose next hop would be
-HTTP/1.1 is refused (502 UPE, gRPC ``UNAVAILABLE`` with a message that says why) before anything
-is sent. HTTP/1.1 -> HTTP/2 (:func:`h1_to_h2`): the request line and ``Host`` become
-pseudo-headers (``:authority``), hop-by-hop headers go, and the exchange runs through
+inbox to a kept-alive h11 connection of :class:`._pool.Pool`, kept for a retry as HTTP/2's pump
+keeps it; the response head and body go back as HEADERS and DATA under the downstream's flow
+control. **Trailers** cross both ways where HTTP/1.1 can carry them, after a chunked body (RFC
+9112 7.1.2), less the fields that must not travel as trailers (:func:`._http1._trailer_fields`):
+request trailers follow a chunked request body, which is what a body without a
+``content-length`` gets, and one with trailers announced (``trailer``) or already received
+(:func:`_h1_framing`; a body that keeps its ``content-length`` loses trailers that come
+unannounced); an upstream's chunked-response trailers become HTTP/2 trailers. gRPC still needs
+HTTP/2 end to end (its framing, trailers-only answers and ``te: trailers`` are HTTP/2's, and an
+app declared ``http`` does not serve it): a gRPC call whose next hop would be HTTP/1.1 is refused
+(502 UPE, gRPC ``UNAVAILABLE`` with a message that says why) before anything is sent.
+HTTP/1.1 -> HTTP/2 (:func:`h1_to_h2`): the request line and ``Host`` become pseudo-headers
+(``:authority``), hop-by-hop headers go, and the exchange runs through
 :meth:`._http2.H2Server.forward` with :class:`_H1Down` standing in for the downstream stream: it
-reads the h11 request body as that stream's inbox and writes the response with h11 (chunked when
-the upstream gave no length; trailers dropped).
+reads the h11 request body as that stream's inbox (a chunked body's trailers as its trailers) and
+writes the response with h11 (chunked when the upstream gave no length, HTTP/2 trailers then
+ending it; an HTTP/1.0 client's close-delimited body has no room for them, they are dropped).
+
+**Mirroring** an HTTP/2 (or translated) exchange (:func:`mirror_from_h2`) never reads the body
+ahead of the request's own upstream: a client may wait for the response before it ends its body
+(a bidirectional gRPC stream), and a mirror must not make it wait. The body is teed
+(:class:`_Tee`) as it streams: an HTTP/2 copy leaves at once and streams it behind the request,
+at most MIRROR_LAG_BYTES behind; an HTTP/1.1 copy leaves once the body ended, whole with its
+length, so with at most MAX_RETRY_BODY of it. A copy that falls further behind, or whose body the
+exchange ends without, is abandoned (its stream reset) and counted skipped.
 
 Cancellation and resources: as the paths they reuse — an attempt's h11 connection is closed
 unless its exchange ended cleanly (then pooled); an HTTP/2 upstream stream is reset when its
 exchange is cancelled. Mirrored HTTP/2 copies run in the sidecar's mirror task group, bounded by
-the mirror timeout, counted as HTTP/1.1 copies are.
+the mirror timeout, counted as HTTP/1.1 copies are; what a tee holds is let go when its copy is
+abandoned or ends.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import h11
 import trio
@@ -45,8 +62,9 @@ import trio
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.proxy._http1 import (
     BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ProxyError, _acquire,
-    _body_event, _DownstreamCut, _DownstreamGone, _forwardable, _header, _is_chunked, _mirror_attrs, _mirror_endpoint,
-    _send_request_bytes, _shadow_host, _Span, _UpstreamGone, read_response_head,
+    _body_event, _connection_tokens, _DownstreamCut, _DownstreamGone, _end_of_message, _forwardable, _header,
+    _is_chunked, _mirror_attrs, _mirror_endpoint, _send_request_bytes, _shadow_host, _Span, _trailer_fields,
+    _UpstreamGone, read_response_head,
 )
 from tracemesh.proxy._pool import PLAINTEXT, ConnectError
 from tracemesh.proxy._recorder import KIND_CLIENT
@@ -60,6 +78,10 @@ H1, H2 = "1.1", "2"
 _VERSION = {"http": H1, "http2": H2, "grpc": H2}
 #: ``--app-protocol`` (``auto``: as the client)
 _FLAG = {"http1": H1, "http2": H2}
+#: How far a mirrored HTTP/2 copy may lag the body it copies (bytes taken from the client, not yet
+#: sent to the mirror) before it is abandoned: one stream's window (the sidecar's STREAM_WINDOW),
+#: so that a client's burst does not cost a healthy mirror its copy; one stream's worth of memory.
+MIRROR_LAG_BYTES = 256 * 1024
 
 
 def declared(service, port: int | None = None) -> str | None:
@@ -110,8 +132,8 @@ def _mtls_to(sc, service: str) -> bool:
 def grpc_refusal(service: str | None, sc) -> ProxyError:
     what = f"service {service!r} is declared protocol http" if service else \
         f"the app of {sc.service!r} speaks HTTP/1.1 (protocol http, or --app-protocol http1)"
-    return ProxyError(502, "UPE", f"gRPC needs HTTP/2 end to end: {what}, which cannot carry gRPC "
-                                  f"(no trailers); declare it http2 or grpc")
+    return ProxyError(502, "UPE", f"gRPC needs HTTP/2 end to end: {what}, which cannot carry gRPC; "
+                                  f"declare it http2 or grpc")
 
 
 # -- HTTP/2 downstream, HTTP/1.1 upstream --------------------------------------------------------
@@ -166,11 +188,9 @@ async def _h1_open(server, req, upstream, security, headers, target: str, span: 
     sc = server.sc
     for attempt in (1, 2):
         uc = await _acquire(sc, upstream, security, span)
-        framing = []
-        if _header(headers, b"content-length") is None and not (req.ended and not req.kept_size):
-            framing = [(b"transfer-encoding", b"chunked")]
+        fields, framing = _h1_framing(req, headers)
         out = h11.Request(method=req.method, target=target.encode("ascii"),
-                          headers=_h1_headers(req.authority or str(upstream).encode(), headers, framing))
+                          headers=_h1_headers(req.authority or str(upstream).encode(), fields, framing))
         try:
             await _h1_send(server, req, uc, out, span)
             return uc, await _h1_head(uc, deadline, why)
@@ -188,9 +208,26 @@ async def _h1_open(server, req, upstream, security, headers, target: str, span: 
     raise AssertionError("unreachable")
 
 
+def _h1_framing(req, headers) -> tuple[list, list]:
+    """The request's fields and framing fields for HTTP/1.1. RFC 9112 puts trailers only after a
+    chunked body, and whether an HTTP/2 stream brings any is known only at its end; so a body goes
+    chunked when it has no ``content-length``, or when trailers are known to come: announced in
+    the head (``trailer``) or here already. A body with a ``content-length`` keeps it otherwise (the
+    app may need it, and most such requests carry no trailers); trailers that come unannounced on
+    it are dropped, as Envoy's HTTP/1.1 codec drops them without chunked encoding."""
+    if req.ended and not req.kept_size and req.trailers is None:
+        return headers, []  # no body
+    if _header(headers, b"content-length") is not None and req.trailers is None and req.trailer_names is None:
+        return headers, []
+    framing = [(b"transfer-encoding", b"chunked")]
+    if req.trailer_names is not None:
+        framing.append((b"trailer", req.trailer_names))
+    return [(k, v) for k, v in headers if k != b"content-length"], framing
+
+
 async def _h1_send(server, req, uc, out: h11.Request, span: _Span) -> None:
     """The request head, the kept body, then the rest as the stream delivers it (acknowledged once
-    sent on); trailers are dropped."""
+    sent on), then its trailers when the body went chunked (:func:`_h1_framing`)."""
     u = uc.h11
     pending = u.send(out)
 
@@ -218,7 +255,7 @@ async def _h1_send(server, req, uc, out: h11.Request, span: _Span) -> None:
         finally:
             req.ds.ack(n)
             await server.conn.flush()
-    pending += u.send(h11.EndOfMessage())
+    pending += u.send(_end_of_message(u, req.trailers))
     await flush()
 
 
@@ -256,14 +293,21 @@ async def _h1_relay(server, req, uc, resp: h11.Response, span: _Span) -> None:
             return None  # read() raises it again
         return None if ev is h11.NEED_DATA else ev
 
+    def trailers(eom) -> list:
+        """What of a chunked body's trailers goes on, as HTTP/2 trailers (HEADERS with END_STREAM)."""
+        return _trailer_fields(eom.headers, _connection_tokens(resp.headers)) if eom.headers else []
+
     started = False
     ev = await read()
     while True:
         if isinstance(ev, h11.EndOfMessage):
-            if started:
+            fields = trailers(ev)
+            if not started:
+                await conn.send_headers(ds, head, end=not fields)
+            elif not fields:
                 await conn.send_data(ds, b"", end=True)
-            else:
-                await conn.send_headers(ds, head, end=True)
+            if fields:
+                await conn.send_headers(ds, fields, end=True)
             return
         if not isinstance(ev, h11.Data):
             span.flag, span.message = "UC", "upstream closed mid-response"
@@ -272,7 +316,7 @@ async def _h1_relay(server, req, uc, resp: h11.Response, span: _Span) -> None:
             await conn.send_headers(ds, head)
             started = True
         nxt = ready()
-        end = isinstance(nxt, h11.EndOfMessage)
+        end = isinstance(nxt, h11.EndOfMessage) and not trailers(nxt)
         span.resp_bytes += len(ev.data)
         await conn.send_data(ds, ev.data, end=end)
         if end:
@@ -286,19 +330,25 @@ async def _h1_relay(server, req, uc, resp: h11.Response, span: _Span) -> None:
 class _H1Down:
     """An HTTP/1.1 downstream exchange dressed as an HTTP/2 server stream and its connection, for
     :meth:`._http2.H2Server.forward`: :meth:`next` reads the h11 request body, ``send_*`` write
-    the response with h11. A broken downstream is ``_Gone`` with ``reset_code`` set, as a reset."""
+    the response with h11. A broken downstream is ``_Gone`` with ``reset_code`` set, as a reset.
+    Trailers pass both ways: a chunked request's become the stream's ``("trailers", ...)`` item;
+    HTTP/2 response trailers end a chunked response (dropped when h11 frames it otherwise)."""
 
-    def __init__(self, dconn: h11.Connection, dstream) -> None:
+    def __init__(self, dconn: h11.Connection, dstream, head=()) -> None:
         self.dconn, self.dstream = dconn, dstream
+        self.head = head  # the request's header fields: what its Connection names is no trailer either
         self.reset_code: int | None = None
         self.headers_sent = False
         self.ended_local = False
+        self._ended = False  # the request's trailers were handed over: its end is next
         self._pending = b""  # written with flush=False, sent with the next flush
 
     # the stream side
     async def next(self, timeout: float = BODY_IDLE_TIMEOUT_S) -> tuple:
         """The next body item; a stall (BODY_IDLE_TIMEOUT_S, whatever *timeout*) is the client's
         408, a bad or cut body its 400, both flag DC."""
+        if self._ended:
+            return ("end",)
         try:
             ev = await _body_event(self.dconn, self.dstream)
         except _DownstreamGone:
@@ -307,6 +357,10 @@ class _H1Down:
         if isinstance(ev, h11.Data):
             return ("data", ev.data, 0)
         if isinstance(ev, h11.EndOfMessage):
+            fields = _trailer_fields(ev.headers, _connection_tokens(self.head)) if ev.headers else []
+            if fields:
+                self._ended = True
+                return ("trailers", fields)
             return ("end",)
         self.reset_code = -1
         raise ProxyError(400, "DC", "downstream closed the connection mid-body")
@@ -341,9 +395,11 @@ class _H1Down:
         """As :meth:`H2Conn.send_headers`: *flush* False leaves the bytes for the next flush."""
         from tracemesh.proxy._http2 import _DROP
 
-        if self.headers_sent:  # trailers: HTTP/1.1 has nowhere to put them
+        if self.headers_sent:  # trailers: after a chunked body (else dropped), see _end_of_message
             if end:
-                await self.send_data(_s, b"", end=True, flush=flush)
+                data = self.dconn.send(_end_of_message(self.dconn, headers))
+                self.ended_local = True
+                await self._send(data, True)
             return
         status = int(_header(headers, b":status") or b"502")
         out = [(k, v) for k, v in headers if not k.startswith(b":") and k not in _DROP]
@@ -380,7 +436,7 @@ async def h1_to_h2(sc, dconn: h11.Connection, dstream, req: h11.Request, headers
             ev = await _body_event(dconn, dstream)
             if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
                 raise _DownstreamGone()
-    down = _H1Down(dconn, dstream)
+    down = _H1Down(dconn, dstream, headers)
     # grpc False: an HTTP/1.1 client's application/grpc-web is not gRPC over HTTP/2
     r = h2m._Req(down, req.method, authority, not has_body, False)
     server = h2m.H2Server(sc, down, direction, None, 0)
@@ -407,10 +463,86 @@ def mirror_version(sc, mirror, client: str) -> str:
     return next_hop(sc, client, mirror.service, _mtls_to(sc, mirror.service))
 
 
-async def mirror_from_h2(server, req, headers, target: str, route, span: _Span, route_timeout: float) -> None:
-    """The route's mirror for an HTTP/2 (or translated) exchange: the body, when there is one with
-    a Content-Length of at most MAX_RETRY_BODY, is read whole first (kept for the request too);
-    then the copy leaves, fire-and-forget, as HTTP/1.1 or HTTP/2 by :func:`next_hop`."""
+class _Abandoned(Exception):
+    """A mirrored copy's body could not be copied (:meth:`_Tee.abandon` says why)."""
+
+
+class _Tee:
+    """A request body's copy for a mirror, fed as the body streams to the request's own upstream
+    (:meth:`._http2._Req.next_data`), never read ahead of it: :meth:`feed` and :meth:`end` never
+    wait. An HTTP/2 copy drains it as it comes (:meth:`next`); for an HTTP/1.1 copy, *on_end* gets
+    the whole body at its end. Past *limit* bytes fed and not drained (the mirror fell behind, or
+    the body outgrew what a whole copy may keep), or when the exchange ends before the body does
+    (:meth:`close`), the copy is abandoned: what is held is let go, counted in *stats* as skipped,
+    and :attr:`scope` (the sender's body part) cancelled."""
+
+    def __init__(self, stats, limit: int, on_end=None) -> None:
+        self.stats, self.limit, self.on_end = stats, limit, on_end
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.ended = False
+        self.abandoned: str | None = None
+        self.scope = trio.CancelScope()
+        self._more = trio.Event()
+
+    def feed(self, data: bytes) -> None:
+        if self.abandoned is not None or self.ended or not data:
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.limit:
+            self.abandon(f"the mirror fell {self.limit} bytes behind the request body" if self.on_end is None
+                         else f"a request body over {self.limit} bytes")
+        else:
+            self._more.set()
+
+    def end(self) -> None:
+        if self.abandoned is not None or self.ended:
+            return
+        self.ended = True
+        self._more.set()
+        if self.on_end is not None:
+            body = b"".join(self.chunks)
+            self.chunks.clear()
+            self.buffered = 0
+            self.on_end(body)
+
+    def abandon(self, why: str, count: bool = True) -> None:
+        """Let the copy go (*count*: as skipped; not when its sender ended first, counted by it)."""
+        if self.abandoned is None and not self.ended:
+            self.abandoned = why
+            self.chunks.clear()
+            self.buffered = 0
+            if count:
+                self.stats.skipped += 1
+            self.scope.cancel()
+            self._more.set()
+
+    def close(self) -> None:
+        """The exchange is over: a body that has not ended never will for the copy."""
+        self.abandon("the exchange ended before the request body did")
+
+    async def next(self) -> bytes | None:
+        """The next part of the body; None at its end or once abandoned."""
+        while not self.chunks:
+            if self.ended or self.abandoned is not None:
+                return None
+            self._more = trio.Event()
+            await self._more.wait()
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        return chunk
+
+
+def mirror_from_h2(server, req, headers, target: str, route, span: _Span, route_timeout: float) -> None:
+    """The route's mirror for an HTTP/2 (or translated) exchange: a copy that leaves
+    fire-and-forget, as HTTP/1.1 or HTTP/2 by :func:`next_hop`. A body is teed (:class:`_Tee`) as
+    it streams to the request's own upstream, never read ahead of it: a client may wait for the
+    response before it ends its body (a bidirectional stream), and a mirror must not make it wait.
+    An HTTP/2 copy leaves at once and streams the body as it comes, MIRROR_LAG_BYTES behind at
+    most; an HTTP/1.1 copy leaves when the body ended, sent whole with its length by
+    :meth:`Sidecar._mirror_one`, so at most MAX_RETRY_BODY of it (as HTTP/1.1's own mirroring).
+    Trailers are not copied."""
     sc = server.sc
     mirror = route.mirror if route is not None else None
     if mirror is None or not sc._rng.random() * 100 < mirror.percent:
@@ -419,41 +551,36 @@ async def mirror_from_h2(server, req, headers, target: str, route, span: _Span, 
     if version == H1 and req.grpc:  # gRPC cannot go over HTTP/1.1 (see grpc_refusal)
         sc.mirrors.skipped += 1
         return
-    body = b""
-    if not req.ended:
-        length = _header(headers, b"content-length")
-        try:
-            size = int(length) if length is not None else -1
-        except ValueError:
-            size = -1
-        if not 0 <= size <= MAX_RETRY_BODY or req.kept is None:
-            sc.mirrors.skipped += 1
-            return
-        while not req.ended:
-            item = await req.next_item()
-            if item[0] == "data":
-                span.req_bytes += len(item[1])
-                req.kept_size += len(item[1])
-                req.kept.append(item[1])
-                req.ds.ack(item[2])
-                if req.kept_size > MAX_RETRY_BODY:
-                    raise ProxyError(400, "DC", "request body longer than its content-length")
-            elif item[0] == "trailers":
-                req.trailers = item[1]
-            elif item[0] == "end":
-                req.ended = True
-        await server.conn.flush()
-        body = b"".join(req.kept)
     method = req.method
     authority = req.authority or mirror.service.encode()
-    if version == H1:
+
+    def h1_copy(body: bytes) -> None:
         framing = [(b"content-length", str(len(body)).encode())] if body else []
         fields = [(k, v) for k, v in headers if k != b"content-length"]
         out_req = h11.Request(method=method, target=target.encode("ascii"),
                               headers=_h1_headers(authority, fields, framing))
         sc._start_mirror(mirror, out_req, body, span, route_timeout)
+
+    if req.ended and not req.kept_size:  # no body
+        if version == H1:
+            h1_copy(b"")
+        else:
+            start_h2(sc, mirror, method, target, authority, headers, b"", span, route_timeout)
+        return
+    if req.kept is None:  # some of the body went by already, not kept: a copy would lack it
+        sc.mirrors.skipped += 1
+        return
+    if version == H1:
+        tee = _Tee(sc.mirrors, MAX_RETRY_BODY, on_end=h1_copy)
     else:
-        start_h2(sc, mirror, method, target, authority, headers, body, span, route_timeout)
+        tee = _Tee(sc.mirrors, MIRROR_LAG_BYTES)
+        if not start_h2(sc, mirror, method, target, authority, headers, tee, span, route_timeout):
+            return
+    req.tee = tee
+    for chunk in req.kept:
+        tee.feed(chunk)
+    if req.ended:
+        tee.end()
 
 
 def start_h2_from_h1(sc, mirror, out_req: h11.Request, body: bytes, parent: _Span, route_timeout: float) -> None:
@@ -464,23 +591,27 @@ def start_h2_from_h1(sc, mirror, out_req: h11.Request, body: bytes, parent: _Spa
              parent, route_timeout)
 
 
-def start_h2(sc, mirror, method: bytes, target: str, authority: bytes, headers, body: bytes, parent: _Span,
-             route_timeout: float) -> None:
+def start_h2(sc, mirror, method: bytes, target: str, authority: bytes, headers, body: bytes | _Tee, parent: _Span,
+             route_timeout: float) -> bool:
+    """Start a copy over HTTP/2 in the mirror task group; False when it was dropped (counted)."""
     from tracemesh.proxy._http1 import MIRROR_TIMEOUT_S
 
     nursery = sc._mirror_nursery
     if nursery is None or sc.mirrors.active >= MAX_MIRRORS:
         sc.mirrors.dropped += 1
-        return
+        return False
     sc.mirrors.active += 1
     sc.mirrors.sent += 1
     nursery.start_soon(_mirror_one_h2, sc, mirror, method, target, authority, list(headers), body, parent,
                        min(route_timeout, MIRROR_TIMEOUT_S))
+    return True
 
 
-async def _mirror_one_h2(sc, mirror, method: bytes, target: str, authority: bytes, headers, body: bytes,
+async def _mirror_one_h2(sc, mirror, method: bytes, target: str, authority: bytes, headers, body: bytes | _Tee,
                          parent: _Span, timeout: float) -> None:
-    """One mirrored copy over HTTP/2, as :meth:`Sidecar._mirror_one` is over HTTP/1.1."""
+    """One mirrored copy over HTTP/2, as :meth:`Sidecar._mirror_one` is over HTTP/1.1; *body* whole,
+    or a :class:`_Tee` streamed (its stream reset if the copy is abandoned: counted skipped by the
+    tee, not failed)."""
     from tracemesh.proxy import _http2 as h2m
 
     t0 = time.perf_counter_ns()
@@ -508,10 +639,19 @@ async def _mirror_one_h2(sc, mirror, method: bytes, target: str, authority: byte
             out.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
             us = h2m._Stream(conn, conn.h2.get_next_available_stream_id())
             conn.streams[us.id] = us
-            await conn.send_headers(us, out, end=not body)
-            if body:
+            tee = body if isinstance(body, _Tee) else None
+            await conn.send_headers(us, out, end=tee is None and not body)
+            if tee is not None:
+                with tee.scope:
+                    while (chunk := await tee.next()) is not None:
+                        span.req_bytes += len(chunk)
+                        await conn.send_data(us, chunk)
+                if tee.abandoned is not None:
+                    raise _Abandoned(tee.abandoned)
+                await conn.send_data(us, b"", end=True)
+            elif body:
                 await conn.send_data(us, body, end=True)
-            span.req_bytes = len(body)
+                span.req_bytes = len(body)
             while True:
                 item = await us.next()
                 if item[0] == "headers":
@@ -530,13 +670,18 @@ async def _mirror_one_h2(sc, mirror, method: bytes, target: str, authority: byte
         span.flag, span.message = exc.flag, str(exc)
     except (h2m._Gone, h2m.h2.exceptions.ProtocolError) as exc:
         span.flag, span.message = "UC", f"mirror: {exc}"
+    except _Abandoned as exc:
+        span.flag, span.message = "DC", f"mirrored copy abandoned: {exc}"
     except trio.Cancelled:
         span.flag, span.message = "DC", "sidecar shutting down"
         raise
     finally:
         sc.mirrors.active -= 1
+        tee = body if isinstance(body, _Tee) else None
+        if span.flag != "-" and (tee is None or tee.abandoned is None):  # an abandoned copy is skipped
+            sc.mirrors.failed += 1
+        if tee is not None:  # the copy is over (a timeout, a reset): nothing more is kept for it
+            tee.abandon("the copy ended", count=False)
         if us is not None:
             await us.finish(h2m.CANCEL)
-        if span.flag != "-":
-            sc.mirrors.failed += 1
         sc._record(span, name, KIND_CLIENT, t0)

@@ -1,25 +1,35 @@
 """Request mirroring (Istio's mirror + mirrorPercentage) through a real sidecar to real apps: every
 request at 100 %, about 30 % at 30 %, the copy's Host ``-shadow``-suffixed and its own span, and a
 mirror that hangs or is down never slows or fails the request it copies; copies past the bound
-are dropped and counted."""
+are dropped and counted. HTTP/2 request bodies are teed to the copy as they stream (a bidirectional
+gRPC stream included); a mirror that falls behind loses its copy, never slows the request."""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import queue
+import socket
 import threading
 import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import httpx
 import pytest
+from h2_helpers import GrpcApp, H2App, grpc_channel, stub
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_harness import SidecarProc, StatusApp, Upstream, write_mesh
 
 from tracemesh.net import Addr, free_port
-from tracemesh.proxy._http1 import MAX_MIRRORS
+from tracemesh.proxy._http1 import MAX_MIRRORS, MAX_RETRY_BODY
+from tracemesh.proxy._translate import MIRROR_LAG_BYTES
 
 
 class HeldApp(StatusApp):
@@ -38,6 +48,45 @@ class HeldApp(StatusApp):
         super().close()
 
 
+class StalledH2App:
+    """An h2c app that takes streams and never reads them: no WINDOW_UPDATE, no answer (a mirror
+    that cannot keep up); it records the streams reset (``resets``)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.addr = Addr("127.0.0.1", self.sock.getsockname()[1])
+        self.opened = 0
+        self.resets = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _serve(self, s: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        try:
+            with s:
+                s.sendall(conn.data_to_send())
+                while data := s.recv(65536):
+                    for ev in conn.receive_data(data):
+                        if isinstance(ev, h2.events.RequestReceived):
+                            self.opened += 1
+                        elif isinstance(ev, h2.events.StreamReset):
+                            self.resets += 1
+                    s.sendall(conn.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def ep(addr, version="v1"):
     return {"address": str(addr), "version": version}
 
@@ -46,6 +95,7 @@ def ep(addr, version="v1"):
 def mirrored(otlp, tmp_path_factory):
     work = tmp_path_factory.mktemp("mirror")
     primary, shadow, held = Upstream("primary"), Upstream("shadowapp"), HeldApp()
+    h2shadow, stalled, grpc_app = H2App(), StalledH2App(), GrpcApp()
     dead = Addr("127.0.0.1", free_port())
 
     def route(name, mirror):
@@ -59,25 +109,33 @@ def mirrored(otlp, tmp_path_factory):
             "shadow": {"endpoints": [ep(shadow.addr, "v2")], "ports": [{"port": 80, "protocol": "http"}]},
             "held": {"endpoints": [ep(held.addr)]},
             "gone": {"endpoints": [ep(dead)]},
+            # declared HTTP/2: copies go as HTTP/2 streams, their bodies streamed
+            "h2shadow": {"endpoints": [ep(h2shadow.addr)], "ports": [{"port": 80, "protocol": "http2"}]},
+            "stalled": {"endpoints": [ep(stalled.addr)], "ports": [{"port": 80, "protocol": "http2"}]},
+            "echo": {"endpoints": [ep(grpc_app.addr)], "ports": [{"port": 80, "protocol": "grpc"}]},
         },
         "routes": [
             route("all", {"service": "shadow", "version": "v2", "percent": 100}),
             route("some", {"service": "shadow", "percent": 30}),
             route("held", {"service": "held"}),
             route("gone", {"service": "gone", "percent": 100}),
+            route("h2all", {"service": "h2shadow", "percent": 100}),
+            route("stalled", {"service": "stalled", "percent": 100}),
             {"service": "shop", "destinations": [{"version": "v1"}]},
+            {"service": "echo", "destinations": [{"version": "v1"}], "mirror": {"service": "h2shadow"}},
         ],
     }
     path = write_mesh(work / "mesh.yaml", config)
     admin = Addr("127.0.0.1", free_port())
     sc = SidecarProc(work, "mirrorer", primary.addr, otlp.addr, config=path, extra=("--admin", str(admin))).start()
     try:
-        yield sc, admin, primary, shadow, held
+        yield sc, admin, primary, shadow, held, h2shadow, stalled
         assert sc.proc.poll() is None, f"the sidecar died:\n{sc.stderr()}"
     finally:
         sc.close()
-        for app in (primary, shadow, held):
+        for app in (primary, shadow, held, stalled, h2shadow):
             app.close()
+        grpc_app.close()
 
 
 def request(conn, mode: str, path: str, body: bytes | None = None, rid: str | None = None) -> int:
@@ -96,7 +154,7 @@ def wait_until(check, timeout: float = 10.0) -> None:
 
 
 def test_percent_100_delivers_every_request_to_both(mirrored, otlp):
-    sc, _, primary, shadow, _ = mirrored
+    sc, _, primary, shadow, _, *_ = mirrored
     conn = http.client.HTTPConnection(sc.outbound.host, sc.outbound.port, timeout=10)
     body = b"mirror me " * 100
     for i in range(10):
@@ -123,7 +181,7 @@ def test_percent_100_delivers_every_request_to_both(mirrored, otlp):
 
 
 def test_http2_streams_are_mirrored_too(mirrored, otlp):
-    sc, _, primary, shadow, _ = mirrored
+    sc, _, primary, shadow, _, *_ = mirrored
     body = b"h2 mirror " * 100
     with httpx.Client(http1=False, http2=True, base_url=f"http://{sc.outbound}", timeout=10,
                       headers={"host": "shop", "x-mirror": "all"}) as client:
@@ -131,12 +189,13 @@ def test_http2_streams_are_mirrored_too(mirrored, otlp):
             assert client.get(f"/h2/{i}").status_code == 200
             r = client.post(f"/h2/post/{i}", content=body)
             assert r.status_code == 200 and r.http_version == "HTTP/2"
-            # no content-length (a streamed body): not mirrored, as for HTTP/1.1
-            assert client.post(f"/h2/streamed/{i}", content=iter([body])).status_code == 200
+            # no content-length (a streamed body): teed as it streams, sent whole to the HTTP/1.1 mirror
+            assert client.post(f"/h2/streamed/{i}", content=iter([body[:500], body[500:]])).status_code == 200
     assert len(primary.requests("/h2/")) == 15
-    wait_until(lambda: len(shadow.requests("/h2/")) == 10)
-    assert not shadow.requests("/h2/streamed/")
-    assert {s.body_sha256 for s in shadow.requests("/h2/post/")} == {hashlib.sha256(body).hexdigest()}
+    wait_until(lambda: len(shadow.requests("/h2/")) == 15)
+    assert {s.body_sha256 for s in shadow.requests("/h2/post/") + shadow.requests("/h2/streamed/")} == {
+        hashlib.sha256(body).hexdigest()}
+    assert {s.headers["content-length"] for s in shadow.requests("/h2/streamed/")} == {str(len(body))}
     assert {s.headers["host"] for s in shadow.requests("/h2/")} == {"shop-shadow"}
     span = otlp.wait(1, service="mirrorer", **{"mesh.mirror": True, "url.path": "/h2/post/2"})[0]
     main = otlp.wait(1, service="mirrorer", **{"url.path": "/h2/post/2", "mesh.destination.service": "shop"})[0]
@@ -146,7 +205,7 @@ def test_http2_streams_are_mirrored_too(mirrored, otlp):
 
 
 def test_percent_30_within_statistical_tolerance(mirrored):
-    sc, _, primary, shadow, _ = mirrored
+    sc, _, primary, shadow, _, *_ = mirrored
     n, clients = 400, 8
 
     def client(k: int) -> list[int]:  # several keep-alive connections at once: the stdlib apps are slow alone
@@ -167,7 +226,7 @@ def test_percent_30_within_statistical_tolerance(mirrored):
 
 
 def test_hanging_or_down_mirror_never_slows_or_fails_the_request(mirrored, otlp):
-    sc, admin, primary, _, held = mirrored
+    sc, admin, primary, _, held, *_ = mirrored
     conn = http.client.HTTPConnection(sc.outbound.host, sc.outbound.port, timeout=10)
     t0 = time.monotonic()
     for i in range(10):
@@ -204,3 +263,139 @@ def test_shadow_host_is_envoys(host, shadow):
     from tracemesh.proxy._http1 import _shadow_host
 
     assert _shadow_host(host) == shadow
+
+
+def mirror_stats(admin: Addr) -> dict:
+    text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name.startswith("tracemesh_sidecar_mirror")}
+
+
+def chunks(data: bytes, size: int = 16384):
+    for off in range(0, len(data), size):
+        yield data[off:off + size]
+
+
+def test_http2_bodies_are_teed_to_the_mirror_as_they_stream(mirrored, otlp):
+    sc, admin, _, shadow, _, h2shadow, _ = mirrored
+    # more than a copy may keep whole (MAX_RETRY_BODY), less than it may lag (MIRROR_LAG_BYTES): the
+    # test's HTTP/2 mirror opens a window of 64 KiB at a time, slower than the primary app reads
+    big = bytes(range(256)) * 800
+    assert MAX_RETRY_BODY < len(big) < MIRROR_LAG_BYTES
+    before = mirror_stats(admin)
+    with httpx.Client(http1=False, http2=True, base_url=f"http://{sc.outbound}", timeout=20,
+                      headers={"host": "shop"}) as client:
+        # an HTTP/2 mirror: the copy streams beside the request, a body of any size
+        for path, content in (("/tee/streamed", chunks(big)), ("/tee/length", big)):
+            r = client.post(path, content=content, headers={"x-mirror": "h2all"})
+            assert r.status_code == 200 and r.json()["body_sha256"] == hashlib.sha256(big).hexdigest()
+        # an HTTP/1.1 mirror takes a copy whole, so at most MAX_RETRY_BODY of it: this one is skipped
+        r = client.post("/tee/too-big", content=chunks(big), headers={"x-mirror": "all"})
+        assert r.status_code == 200 and r.json()["body_len"] == len(big)
+    wait_until(lambda: {"/tee/streamed", "/tee/length"} <= {s["path"] for s in h2shadow.seen})
+    copies = {s["path"]: s for s in h2shadow.seen if s["path"].startswith("/tee/")}
+    assert copies["/tee/streamed"]["body_len"] == copies["/tee/length"]["body_len"] == len(big)
+    assert copies["/tee/streamed"]["headers"][":authority"] == "shop-shadow"
+    assert not shadow.requests("/tee/")
+    after = mirror_stats(admin)
+    assert after["tracemesh_sidecar_mirror_skipped_total"] == before["tracemesh_sidecar_mirror_skipped_total"] + 1
+    span = otlp.wait(1, service="mirrorer", **{"mesh.mirror": True, "url.path": "/tee/streamed"})[0]
+    assert span.attrs["http.request.body.size"] == len(big) and span.attrs["mesh.response_flags"] == "-"
+    assert span.attrs["network.protocol.version"] == "2"
+
+
+def test_a_mirror_that_falls_behind_loses_its_copy_never_slows_the_request(mirrored, otlp):
+    sc, admin, *_, stalled = mirrored
+    big = b"s" * (4 << 20)
+    before = mirror_stats(admin)
+    with httpx.Client(http1=False, http2=True, base_url=f"http://{sc.outbound}", timeout=20,
+                      headers={"host": "shop", "x-mirror": "stalled"}) as client:
+        t0 = time.monotonic()
+        r = client.post("/stalled/big", content=chunks(big))
+        assert r.status_code == 200 and r.json()["body_len"] == len(big)
+        assert time.monotonic() - t0 < 5  # not the mirror's 10 s timeout: the copy was let go
+    wait_until(lambda: stalled.resets >= 1)  # its stream reset, not left hanging
+    after = mirror_stats(admin)
+    assert after["tracemesh_sidecar_mirror_skipped_total"] == before["tracemesh_sidecar_mirror_skipped_total"] + 1
+    assert after["tracemesh_sidecar_mirror_failed_total"] == before["tracemesh_sidecar_mirror_failed_total"]
+    span = otlp.wait(1, service="mirrorer", **{"mesh.mirror": True, "url.path": "/stalled/big"})[0]
+    assert span.attrs["mesh.response_flags"] == "DC" and "abandoned" in span.status_message
+    main = otlp.wait(1, service="mirrorer", **{"url.path": "/stalled/big", "mesh.destination.service": "shop"})[0]
+    assert main.attrs["mesh.response_flags"] == "-" and main.attrs["http.request.body.size"] == len(big)
+
+
+def test_a_bidirectional_grpc_stream_is_mirrored_while_it_streams(mirrored):
+    sc, *_, h2shadow, _ = mirrored
+    channel = grpc_channel(sc.outbound, "echo")
+    answers = queue.Queue()
+    sent = [b"first", b"second", b"third"]
+
+    def requests():  # each message only once the answer to the one before came: a conversation
+        for i, msg in enumerate(sent):
+            if i:
+                answers.get(timeout=10)
+            yield msg
+
+    try:
+        got = []
+        for reply in stub(channel, "Bidi", "bidi")(requests(), timeout=15):
+            got.append(reply)
+            answers.put(reply)
+        assert got == [b"re:" + m for m in sent]
+    except grpc.RpcError as exc:
+        pytest.fail(f"the bidirectional stream failed: {exc}")
+    finally:
+        channel.close()
+    wait_until(lambda: any(s["path"] == "/test.Echo/Bidi" for s in h2shadow.seen))
+    copy = next(s for s in h2shadow.seen if s["path"] == "/test.Echo/Bidi")
+    assert copy["body_len"] == sum(5 + len(m) for m in sent)  # every gRPC message, framed
+    assert copy["headers"]["content-type"] == "application/grpc"
+
+
+def test_tee_never_waits_and_lets_a_copy_go_past_its_bound():
+    import trio
+    import trio.testing
+
+    from tracemesh.proxy._http1 import MirrorStats
+    from tracemesh.proxy._translate import _Tee
+
+    async def main() -> None:
+        stats = MirrorStats()
+        whole: list[bytes] = []
+        tee = _Tee(stats, 10, on_end=whole.append)  # an HTTP/1.1 copy: the body whole at its end
+        tee.feed(b"abc")
+        tee.feed(b"defg")
+        tee.end()
+        tee.close()  # the exchange ends after the body: nothing to abandon
+        assert whole == [b"abcdefg"] and stats.skipped == 0
+        tee = _Tee(stats, 10, on_end=whole.append)
+        tee.feed(b"x" * 11)  # past the bound: let go, counted
+        tee.end()
+        assert tee.abandoned and not tee.chunks and whole == [b"abcdefg"] and stats.skipped == 1
+
+        tee = _Tee(stats, 10)  # an HTTP/2 copy, drained as it comes by a sender that gets stuck
+        taken: list[bytes] = []
+
+        async def sender(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with tee.scope:
+                task_status.started()
+                while (chunk := await tee.next()) is not None:
+                    taken.append(chunk)
+                    if chunk == b"stuck":  # the mirror stopped reading
+                        await trio.sleep_forever()
+
+        async with trio.open_nursery() as n:
+            await n.start(sender)
+            for chunk in (b"one", b"stuck", b"a" * 6):
+                tee.feed(chunk)  # never waits, whatever the sender does
+                await trio.testing.wait_all_tasks_blocked()
+            assert taken == [b"one", b"stuck"] and tee.buffered == 6 and not tee.abandoned
+            tee.feed(b"b" * 6)  # 12 bytes behind: the copy goes, the sender is cancelled
+        assert "fell 10 bytes behind" in tee.abandoned and stats.skipped == 2 and tee.buffered == 0
+
+        tee = _Tee(stats, 10)
+        tee.feed(b"part")
+        tee.close()  # the exchange ended before the body: the copy could never complete
+        assert tee.abandoned and stats.skipped == 3
+
+    trio.run(main)

@@ -148,7 +148,8 @@ def test_curl_http1_through_two_sidecars_to_an_h2c_app(tmesh, curl):
                             f"http://{front.outbound}/post"], input=payload, capture_output=True, timeout=30)
         seen = json.loads(r.stdout)
         assert seen["body_len"] == len(payload) and seen["body_sha256"] == hashlib.sha256(payload).hexdigest()
-    # a large body down (HTTP/2 DATA under flow control, chunked to the HTTP/1.1 client); trailers dropped
+    # a large body down (HTTP/2 DATA under flow control, chunked to the HTTP/1.1 client); trailers, which
+    # end a chunked body, in test_proxy_trailers.py
     r = subprocess.run([curl, "-sS", "--http1.1", "--max-time", "20", "-H", "Host: h2svc", "-D", "-", "-o", "-",
                         f"http://{front.outbound}/bytes/3000000"], capture_output=True, timeout=30)
     head, _, data = r.stdout.partition(b"\r\n\r\n")
