@@ -23,12 +23,13 @@ import h2.exceptions
 
 from sidecar_harness import read_until_closed
 
+from rawio import ThreadedServer
 from tracemesh.net import Addr
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-class H2App:
+class H2App(ThreadedServer):
     """An h2c (prior knowledge) app. Behaviours by path:
 
     ``/bytes/N``     N bytes of ``x`` (flow control respected)
@@ -40,22 +41,11 @@ class H2App:
     """
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.addr = Addr("127.0.0.1", self.sock.getsockname()[1])
         self.seen: list[dict] = []
         self.resets: list[int] = []  # stream resets received from the sidecar (error codes)
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True, name="h2app").start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s: socket.socket) -> None:
+    def serve(self, s: socket.socket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         conn.initiate_connection()
         lock = threading.Lock()
@@ -136,10 +126,6 @@ class H2App:
             pass
         finally:
             s.close()
-
-    def close(self) -> None:
-        self._closed = True
-        self.sock.close()
 
 
 # -- gRPC ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from h2_helpers import GrpcApp, H2App, grpc_channel, stub
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_harness import SidecarProc, StatusApp, Upstream, write_mesh
 
+from rawio import ThreadedServer
 from tracemesh.net import Addr, free_port
 from tracemesh.proxy._http1 import MAX_MIRRORS, MAX_RETRY_BODY
 from tracemesh.proxy._translate import MIRROR_LAG_BYTES
@@ -48,26 +49,16 @@ class HeldApp(StatusApp):
         super().close()
 
 
-class StalledH2App:
+class StalledH2App(ThreadedServer):
     """An h2c app that takes streams and never reads them: no WINDOW_UPDATE, no answer (a mirror
     that cannot keep up); it records the streams reset (``resets``)."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.addr = Addr("127.0.0.1", self.sock.getsockname()[1])
         self.opened = 0
         self.resets = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s: socket.socket) -> None:
+    def serve(self, s: socket.socket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
         try:

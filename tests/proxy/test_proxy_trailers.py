@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import uuid
 
 import h2.config
@@ -23,6 +22,7 @@ import pytest
 from h2_helpers import H2Client
 from sidecar_harness import SidecarProc, read_until_closed, serving, start_all, write_mesh
 
+from rawio import ThreadedServer
 from tracemesh.net import Addr
 
 #: What the apps put after a chunked response body at ``/trailers``: the first passes, the others
@@ -37,26 +37,16 @@ H1_RESPONSE_EMPTY = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnecti
                      b"0\r\nx-checksum: none\r\n\r\n")
 
 
-class H1TrailerApp:
+class H1TrailerApp(ThreadedServer):
     """An HTTP/1.1 app on h11 that records each request with its trailers (``seen``); ``/trailers``
     and ``/trailers-only`` answer chunked with trailers, anything else a JSON echo (with a length).
     Every answer closes its connection (``Connection: close``), so no reuse can race a close."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.addr = Addr("127.0.0.1", self.sock.getsockname()[1])
         self.seen: list[dict] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s: socket.socket) -> None:
+    def serve(self, s: socket.socket) -> None:
         conn = h11.Connection(h11.SERVER)
         req, body, trailers = None, b"", []
         try:
@@ -94,29 +84,16 @@ class H1TrailerApp:
         except (OSError, h11.ProtocolError):
             pass
 
-    def close(self) -> None:
-        self.sock.close()
 
-
-class H2TrailerApp:
+class H2TrailerApp(ThreadedServer):
     """An h2c app that records each stream with its trailers (``seen``); ``/trailers`` answers a
     body and trailers, anything else a JSON echo."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.addr = Addr("127.0.0.1", self.sock.getsockname()[1])
         self.seen: list[dict] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s: socket.socket) -> None:
+    def serve(self, s: socket.socket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         conn.initiate_connection()
         streams: dict[int, dict] = {}
@@ -149,9 +126,6 @@ class H2TrailerApp:
         else:
             conn.send_headers(sid, [(":status", "200"), ("content-type", "application/json")])
             conn.send_data(sid, json.dumps(st).encode(), end_stream=True)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
