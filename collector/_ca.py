@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tracemesh._fs import fsync_dir, write_atomic
+from tracemesh._fs import write_atomic
 from tracemesh.identity import (
     DEFAULT_TRUST_DOMAIN,
     DEFAULT_WORKLOAD_TTL,

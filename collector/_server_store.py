@@ -245,7 +245,7 @@ class ServerStore:
 
     def execute(self, sql: str) -> None:
         if self.target.cluster and not sql.startswith("INSERT"):
-            if sql.startswith(f"CREATE TABLE IF NOT EXISTS tracemesh_schema_migrations"):
+            if sql.startswith("CREATE TABLE IF NOT EXISTS tracemesh_schema_migrations"):
                 sql = sql.replace("tracemesh_schema_migrations (", f"tracemesh_schema_migrations ON CLUSTER {self.target.cluster} (", 1)
                 self._run(sql)
                 return

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tracemesh.collector._encode import SpanColumns
-from tracemesh.collector._schema import TRACE_COLUMNS, SchemaOptions, trace_tables
+from tracemesh.collector._schema import TRACE_COLUMNS, SchemaOptions
 from tracemesh.query import QueryError, prepare_readonly
 
 LOCK_FILE = ".tracemesh.lock"

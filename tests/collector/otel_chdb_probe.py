@@ -81,7 +81,7 @@ def main(workdir: Path) -> dict:
         for r in _json_rows(sess, f"SELECT table, name, type_full, expr, granularity FROM system.data_skipping_indices "
                                   f"WHERE database = 'default' AND table IN ({quoted}) ORDER BY table, name"):
             result["indexes"].setdefault(r["table"], []).append([r["name"], r["type_full"], r["expr"], r["granularity"]])
-        for r in _json_rows(sess, f"SELECT name, engine_full FROM system.tables WHERE database = 'ttl'"):
+        for r in _json_rows(sess, "SELECT name, engine_full FROM system.tables WHERE database = 'ttl'"):
             result["ttl"][r["name"]] = r["engine_full"]
         for t in tables:
             result["rows"][t] = _json_rows(

@@ -26,7 +26,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from tracemesh.net import Addr, free_port, wait_for_port
+from tracemesh.net import Addr, free_port
 from tracemesh.query.cli import query_api
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

@@ -170,7 +170,7 @@ def test_cancelled_exporter_counts_the_batch_it_held():
 
 from hypothesis import given, settings, strategies as _st  # noqa: E402
 
-from tracemesh.proxy._recorder import encode_request, encode_request_fast  # noqa: E402
+from tracemesh.proxy._recorder import encode_request_fast  # noqa: E402
 
 _attr_value = _st.one_of(_st.text(max_size=300), _st.booleans(), _st.integers(-2**63, 2**63 - 1),
                          _st.floats(allow_nan=False))
