@@ -129,6 +129,37 @@ def test_exporter_sends_queued_spans_and_flush_sends_the_rest(otlp):
     assert recorder.stats.exported == 2 and recorder.stats.export_failures == 0
 
 
+def test_steady_load_is_exported_in_batches_not_a_call_per_few_spans(otlp):
+    """Spans arriving steadily go every EXPORT_INTERVAL_S, or at once as a full MAX_BATCH: what
+    arrives while an export is in flight waits. (The exporter used to send again at once whatever
+    had arrived meanwhile: under load an export of a few spans every few milliseconds, each a call
+    and a WAL sync at the collector.)"""
+    recorder = SpanRecorder()
+    exporter = OTLPExporter(recorder, str(otlp.addr), {"service.name": "recorder-test"}, "9.9")
+    tag = f"steady-{time.monotonic_ns()}"
+    n = MAX_BATCH + 2000
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exporter.run)
+            t0 = trio.current_time()
+            for i in range(n):  # ~2,000 spans a second for ~1.5 s: some arrive during every export
+                recorder.record(_span(i, attributes={"test": tag}))
+                await trio.sleep_until(t0 + (i + 1) / 2000)
+            with trio.fail_after(10):
+                while recorder.stats.exported < n:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        exporter.close()
+    assert len(otlp.wait(n, test=tag)) == n
+    # full batches, and what the intervals found (~1.5 s of them, and the rest at the end)
+    assert exporter.client.calls <= 6, exporter.client.calls  # it was ~190
+
+
 def test_flush_is_bounded_when_the_collector_is_away():
     recorder = SpanRecorder()
     exporter = OTLPExporter(recorder, f"127.0.0.1:{free_port()}", {}, "0")
