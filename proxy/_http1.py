@@ -46,7 +46,8 @@ tunnel both ways (:func:`tracemesh.proxy._tcp.splice`) until both sides close; i
 whole tunnel, body sizes counting the tunnelled bytes. Any other answer is relayed as usual.
 
 Mirroring: a route's ``mirror`` sends a copy of its percentage of requests (bodiless, or with a
-Content-Length body of at most MAX_RETRY_BODY, read whole first) to an endpoint of the mirror
+body of at most MAX_RETRY_BODY: read whole first when its Content-Length says so, else teed as it
+streams upstream and copied once it ended; a longer one is skipped, counted) to an endpoint of the mirror
 service, host ``-shadow``-suffixed, from a task group of the sidecar's own (:meth:`Sidecar.run`):
 never waited for, at most MAX_MIRRORS in flight (more are dropped, counted), each with its own
 CLIENT span (``mesh.mirror``), a child of the request's.
@@ -325,7 +326,7 @@ def _shadow_host(host: bytes) -> bytes:
 class MirrorStats:
     sent: int = 0  # copies started
     dropped: int = 0  # not started: MAX_MIRRORS in flight, or no mirror task group (not serving)
-    skipped: int = 0  # not mirrored: a body too large (or chunked) to be read whole
+    skipped: int = 0  # not mirrored: a body too large to copy whole, or one that did not end; an HTTP/2 copy that fell behind
     failed: int = 0  # no answer from the mirror (connect failure, timeout, reset)
     active: int = 0
 
@@ -865,6 +866,7 @@ class Sidecar:
         if mirror is not None and not self._rng.random() * 100 < mirror.percent:
             mirror = None
         body = None
+        tee = None  # a streamed body's copy for the mirror (_translate._Tee), fed as it goes upstream
         if has_body and (policy is not None or mirror is not None):
             try:
                 size = int(length) if not chunked and length is not None else -1
@@ -875,7 +877,7 @@ class Sidecar:
             else:
                 policy = None  # a streamed body cannot be sent twice
                 if mirror is not None:
-                    self.mirrors.skipped += 1
+                    tee = self._mirror_tee(mirror, out_req, span, timeout)
                     mirror = None
         if mirror is not None:
             self._start_mirror(mirror, out_req, body or b"", span, timeout)
@@ -904,7 +906,8 @@ class Sidecar:
             error: ProxyError | None = None
             try:
                 resp, uc = await self._attempt(upstream, security, dconn, dstream, out_req, has_body, body, replayable,
-                                               span, attempt_deadline, timeout if attempt_deadline == deadline else None)
+                                               span, attempt_deadline, timeout if attempt_deadline == deadline else None,
+                                               tee)
                 outcome = Outcome(resp.status_code)
             except ProxyError as exc:
                 error = exc
@@ -951,6 +954,16 @@ class Sidecar:
             await uc.aclose()
             raise
         await self.pool.release(uc)
+
+    def _mirror_tee(self, mirror, out_req: h11.Request, parent: _Span, route_timeout: float):
+        """A mirror copy of a body that streams (chunked, or longer than MAX_RETRY_BODY by its
+        Content-Length): teed as it goes to the request's upstream, never read ahead of it; the
+        copy leaves whole once the body ended (:meth:`_start_mirror`), unless the body grew past
+        MAX_RETRY_BODY or did not end (then it is skipped, counted)."""
+        from tracemesh.proxy._translate import _Tee
+
+        return _Tee(self.mirrors, MAX_RETRY_BODY,
+                    on_end=lambda body: self._start_mirror(mirror, out_req, body, parent, route_timeout))
 
     def _start_mirror(self, mirror, out_req: h11.Request, body: bytes, parent: _Span, route_timeout: float) -> None:
         """Send a copy of *out_req* to the mirror, fire-and-forget: never waited for, never failing
@@ -1050,26 +1063,32 @@ class Sidecar:
         return ep
 
     async def _attempt(self, upstream: Addr, security: Security, dconn, dstream, out_req, has_body: bool,
-                       body: bytes | None, replayable: bool, span: _Span, deadline: float, route_timeout: float | None):
+                       body: bytes | None, replayable: bool, span: _Span, deadline: float, route_timeout: float | None,
+                       tee=None):
         """One try: a connection (a stale kept-alive one is replaced once), the request, the response
-        head. Returns (response head, connection); ProxyError when it failed."""
-        for attempt in (1, 2):
-            uc = await _acquire(self, upstream, security, span)
-            try:
-                return await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline,
-                                                body, route_timeout), uc
-            except _UpstreamGone as exc:
-                await uc.aclose()
-                if uc.reused and replayable and attempt == 1:
-                    continue
-                raise ProxyError(503, "UC", f"upstream disconnect/reset before headers: {exc}") from None
-            except BaseException:
-                await uc.aclose()
-                raise
-        raise AssertionError("unreachable")
+        head. Returns (response head, connection); ProxyError when it failed. *tee* (a streamed
+        body's mirror copy) is fed as the body goes; a body that did not end here never will for it."""
+        try:
+            for attempt in (1, 2):
+                uc = await _acquire(self, upstream, security, span)
+                try:
+                    return await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline,
+                                                    body, route_timeout, tee), uc
+                except _UpstreamGone as exc:
+                    await uc.aclose()
+                    if uc.reused and replayable and attempt == 1:
+                        continue
+                    raise ProxyError(503, "UC", f"upstream disconnect/reset before headers: {exc}") from None
+                except BaseException:
+                    await uc.aclose()
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            if tee is not None:
+                tee.close()  # counted skipped unless the body ended (then its copy has left)
 
     async def _send_request(self, uc: UpstreamConn, dconn, dstream, out_req, has_body: bool, span: _Span, deadline,
-                            body: bytes | None = None, route_timeout: float | None = ROUTE_TIMEOUT_S):
+                            body: bytes | None = None, route_timeout: float | None = ROUTE_TIMEOUT_S, tee=None):
         """Send the request head and body (streamed from the downstream, or *body* when it was read
         whole) upstream; return the response head. *route_timeout* None: the deadline is a per-try one."""
         u = uc.h11
@@ -1092,10 +1111,14 @@ class Sidecar:
                 if isinstance(ev, h11.Data):
                     span.req_bytes += len(ev.data)
                     pending += u.send(ev)
+                    if tee is not None:
+                        tee.feed(ev.data)
                     if len(pending) >= COALESCE_BYTES:
                         await flush()
                 elif isinstance(ev, h11.EndOfMessage):
                     trailers = ev.headers  # passed on when the request goes chunked (_end_of_message)
+                    if tee is not None:
+                        tee.end()  # the mirror's copy leaves now, whole
                     break
                 else:
                     raise _DownstreamGone()

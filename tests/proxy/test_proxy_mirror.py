@@ -295,6 +295,30 @@ def test_http2_bodies_are_teed_to_the_mirror_as_they_stream(mirrored, otlp):
     assert span.attrs["network.protocol.version"] == "2"
 
 
+def test_http1_chunked_bodies_are_teed_and_copied_once_they_end(mirrored):
+    """An HTTP/1.1 request body without a Content-Length streams upstream as it comes; the mirror
+    gets a copy once it ended, whole with its length, up to MAX_RETRY_BODY (a longer one is skipped,
+    counted, and the request is not affected)."""
+    sc, admin, primary, shadow, *_ = mirrored
+    body = b"chunked mirror " * 1000
+    big = b"b" * (MAX_RETRY_BODY + 1)
+    before = mirror_stats(admin)
+    with httpx.Client(base_url=f"http://{sc.outbound}", timeout=20, headers={"host": "shop", "x-mirror": "all"}) as client:
+        for i in range(3):
+            r = client.post(f"/h1tee/{i}", content=chunks(body, 4000))  # an iterator: sent chunked
+            assert r.status_code == 200 and r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+        r = client.post("/h1tee-big/", content=chunks(big))
+        assert r.status_code == 200 and r.json()["body_len"] == len(big)
+    assert {s.headers.get("transfer-encoding") for s in primary.requests("/h1tee/")} == {"chunked"}
+    wait_until(lambda: len(shadow.requests("/h1tee/")) == 3)
+    copies = shadow.requests("/h1tee/")
+    assert {s.body_sha256 for s in copies} == {hashlib.sha256(body).hexdigest()}
+    assert {s.headers["host"] for s in copies} == {"shop-shadow"}
+    after = mirror_stats(admin)
+    assert after["tracemesh_sidecar_mirror_skipped_total"] == before["tracemesh_sidecar_mirror_skipped_total"] + 1
+    assert not shadow.requests("/h1tee-big/")
+
+
 def test_a_mirror_that_falls_behind_loses_its_copy_never_slows_the_request(mirrored, otlp):
     sc, admin, *_, stalled = mirrored
     big = b"s" * (4 << 20)
