@@ -61,8 +61,9 @@ from __future__ import annotations
 import random
 import time
 import weakref
-from http import HTTPStatus
+from binascii import hexlify
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -88,7 +89,7 @@ from tracemesh.proxy._sockio import FastStream
 from tracemesh.proxy._tcp import RawEnd, TcpProxy, is_tcp_alpn, splice
 from tracemesh.proxy._accesslog import AccessEntry
 from tracemesh.proxy._tracecontext import (
-    B3, B3_HEADERS, Incoming, TraceParent, extract, new_request_id, new_span_id, new_trace_id,
+    B3, B3_HEADERS, Incoming, extract, new_request_id, new_span_id, new_trace_id,
 )
 
 #: Request heads larger than this get 431 (Envoy's default max_request_headers_kb is 60).
@@ -169,13 +170,20 @@ class _Span:
 
 #: The trace-context headers the sidecar replaces with its own (:func:`_context_headers`).
 CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate"}) | B3_HEADERS
+#: ``-flags`` of a traceparent, by the flags' value (a byte)
+_FLAGS_HEX = tuple(b"-%02x" % i for i in range(256))
+
+
+#: What :meth:`Sidecar._admit` drops from a request (and sets anew): one set, one lookup per header
+_REPLACED_HEADERS = CONTEXT_HEADERS | {PEER_HEADER, XFCC_HEADER}
 
 
 def _context_headers(span: _Span) -> list[tuple[bytes, bytes]]:
     """What the next hop gets to continue the trace: ``traceparent`` naming *span*, the
     ``tracestate`` received, and, when B3 came in, B3 headers of the same form(s) naming *span*
     (as Envoy rewrites x-b3-* with its own span), so a B3-only app keeps a connected trace."""
-    out = [(b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode())]
+    # TraceParent(...).header().encode() made as bytes directly: a third of its cost, per request
+    out = [(b"traceparent", b"00-" + hexlify(span.trace_id) + b"-" + hexlify(span.span_id) + _FLAGS_HEX[span.flags])]
     if span.trace_state:
         out.append((b"tracestate", span.trace_state.encode()))
     inc = span.incoming
@@ -300,7 +308,12 @@ def _end_of_message(conn: h11.Connection, trailers=(), head=()) -> h11.EndOfMess
         fields = _trailer_fields(trailers, _connection_tokens(head) if head else frozenset())
         if fields:
             return h11.EndOfMessage(headers=fields)
-    return h11.EndOfMessage()
+    return _END
+
+
+#: h11's events are frozen: one bare EndOfMessage serves every message (h11 validates the headers
+#: of each new one, ~0.5 us, twice per proxied request)
+_END = h11.EndOfMessage()
 
 
 def _upgrade_token(headers) -> bytes | None:
@@ -594,7 +607,7 @@ class Sidecar:
                         req.http_version.decode("ascii", "replace"), request_id)
             headers, path_and_query, upstream, sel = t.headers, t.path, t.upstream, t.sel
             hash_key, security = t.hash_key, t.security
-            if not any(k == b"host" for k, _ in headers):
+            if _header(headers, b"host") is None:  # (a plain loop: no generator per request)
                 headers.insert(0, (b"host", (authority or str(upstream)).encode()))
             if sel is None:
                 await self._forward(dconn, dstream, req, headers, path_and_query, upstream, span, security)
@@ -641,8 +654,7 @@ class Sidecar:
         if ua:
             a["user_agent.original"] = ua.decode("latin-1")
         claimed = _header(headers, PEER_HEADER)
-        headers = t.headers = [(k, v) for k, v in headers
-                               if k not in (PEER_HEADER, XFCC_HEADER) and k not in CONTEXT_HEADERS]
+        headers = t.headers = [(k, v) for k, v in headers if k not in _REPLACED_HEADERS]
         span.authority = authority
         a["mesh.connection_security_policy"] = peer.security
         if direction == "inbound":
@@ -743,8 +755,8 @@ class Sidecar:
         # a policy's 403 is the mesh working, not failing: a server error only for a client span
         ok_flags = ("-", "DC", RBAC_FLAG) if kind == KIND_SERVER else ("-", "DC")
         # an injected delay (DI) is the config working: it alone does not fail a request
-        failed = span.status is None or span.status >= limit or any(
-            f not in ok_flags for f in span.flag.split(",") if f != "DI")
+        failed = span.status is None or span.status >= limit or (span.flag != "-" and any(
+            f not in ok_flags for f in span.flag.split(",") if f != "DI"))  # "-": the usual, nothing to split
         if span.flag == "DC" and span.status is None:
             failed = kind == KIND_CLIENT
         grpc = a.get("rpc.grpc.status_code")

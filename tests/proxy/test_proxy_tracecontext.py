@@ -240,3 +240,12 @@ def test_extract_prefers_a_valid_traceparent_over_b3():
     ctx, _ = extract([(b"b3", b"garbage"), (b"x-b3-traceid", B3_TRACE.encode()), (b"x-b3-spanid", B3_SPAN.encode())])
     assert ctx.parent == TraceParent(H(B3_TRACE), H(B3_SPAN), 1)  # a malformed single header: the multi ones
     assert extract([])[0].sampled
+
+
+@given(st.binary(min_size=16, max_size=16), st.binary(min_size=8, max_size=8), st.integers(0, 255))
+def test_the_data_paths_traceparent_bytes_are_the_header(trace_id, span_id, flags):
+    # _http1._context_headers builds traceparent as bytes, not through TraceParent.header()
+    from tracemesh.proxy._http1 import _context_headers, _Span
+
+    span = _Span(0, trace_id, span_id, b"", flags, bool(flags & 1))
+    assert _context_headers(span)[0] == (b"traceparent", TraceParent(trace_id, span_id, flags).header().encode())
