@@ -116,8 +116,10 @@ MAX_MIRRORS = 64
 MIRROR_TIMEOUT_S = 10.0
 
 #: Headers of one hop only (RFC 9110 7.6.1), never forwarded; h11 writes the framing we need.
+#: ``trailer`` is not one (RFC 9110 6.6.2: it announces end-to-end fields): it is passed on where the
+#: next hop's framing can carry trailers, and dropped where it cannot (:func:`_announce_trailers`).
 HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"expect",
 })
 #: The caller's service and version, set by the calling sidecar and stripped before the app sees
@@ -284,9 +286,16 @@ def _forwardable(headers) -> list[tuple[bytes, bytes]]:
 #: recipient needs before the body or that route, frame, authenticate or describe the content
 #: (RFC 9110 6.5.1; the names Go's net/http refuses as trailers).
 NOT_TRAILERS = HOP_BY_HOP | frozenset({
-    b"authorization", b"cache-control", b"content-encoding", b"content-length", b"content-range",
+    b"trailer", b"authorization", b"cache-control", b"content-encoding", b"content-length", b"content-range",
     b"content-type", b"host", b"max-forwards", b"pragma", b"range", b"realm", b"www-authenticate",
 })
+
+
+def _announce_trailers(headers, chunked: bool) -> list[tuple[bytes, bytes]]:
+    """*headers* with their ``trailer`` announcement only when the message they head goes out
+    *chunked*: after a Content-Length or close-delimited body no trailer can follow (RFC 9112 7.1.2),
+    so announcing one would be false."""
+    return headers if chunked else [(k, v) for k, v in headers if k != b"trailer"]
 
 
 def _trailer_fields(trailers, named=frozenset()) -> list[tuple[bytes, bytes]]:
@@ -856,7 +865,7 @@ class Sidecar:
         length = _header(headers, b"content-length")
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
         upgrade = _upgrade_token(headers)
-        headers = _forwardable(headers)
+        headers = _announce_trailers(_forwardable(headers), chunked)
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         if upgrade is not None:  # passed through: the upstream's 101 turns the connection into a tunnel
@@ -1006,7 +1015,9 @@ class Sidecar:
         a = _mirror_attrs(self, span, mirror, method, out_req.target.decode("ascii", "replace"), "1.1")
         host = _shadow_host(_header(out_req.headers, b"host") or mirror.service.encode())
         a["server.address"] = host.decode("latin-1")
-        headers = [(b"host", host)] + [(k, v) for k, v in out_req.headers if k != b"host" and k not in CONTEXT_HEADERS]
+        # (no ``trailer``: a copy's trailers are not sent)
+        headers = [(b"host", host)] + [(k, v) for k, v in out_req.headers
+                                       if k not in (b"host", b"trailer") and k not in CONTEXT_HEADERS]
         headers += _context_headers(span)
         span.authority = host.decode("latin-1")
         req = h11.Request(method=out_req.method, target=out_req.target, headers=headers)
@@ -1175,7 +1186,9 @@ class Sidecar:
 
     async def _relay_response(self, uc: UpstreamConn, dconn, dstream, resp: h11.Response, span: _Span) -> None:
         # h11 re-frames a body of unknown length: chunked to HTTP/1.1 downstreams, close-delimited to 1.0
-        headers = _forwardable(_header_list(resp.headers))
+        headers = _header_list(resp.headers)
+        # chunked again only when it came chunked (no length) and the downstream speaks HTTP/1.1
+        headers = _announce_trailers(_forwardable(headers), _is_chunked(headers) and dconn.their_http_version == b"1.1")
         span.status = resp.status_code
         # as h11.Response(..., _parsed=True): every header, the status and the reason came out of
         # h11's parser, which checked them; h11 need not run its regexes over them again

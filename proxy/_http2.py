@@ -116,6 +116,8 @@ CONNECTION_LOST = -1
 #: Forwarded on neither side: connection-specific (RFC 9113 8.2.2; ``te: trailers`` is allowed and
 #: gRPC needs it), and ``host``, which ``:authority`` carries.
 _DROP = (HOP_BY_HOP - {b"te"}) | {b"host"}
+#: ... and in a trailer section, ``trailer`` too (it announces trailers; it cannot be one)
+_DROP_TRAILERS = _DROP | {b"trailer"}
 
 # gRPC status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)
 GRPC_OK, GRPC_UNKNOWN, GRPC_DEADLINE_EXCEEDED, GRPC_PERMISSION_DENIED = 0, 2, 4, 7
@@ -1005,7 +1007,7 @@ class H2Server:
                         grpc = _header(item[1], b"grpc-status")
                         if grpc is not None and grpc.isdigit():
                             span.attrs["rpc.grpc.status_code"] = int(grpc)
-                        await conn.send_headers(ds, [(k, v) for k, v in item[1] if k not in _DROP], end=True)
+                        await conn.send_headers(ds, [(k, v) for k, v in item[1] if k not in _DROP_TRAILERS], end=True)
                         return
                     elif item[0] == "end":
                         await conn.send_data(ds, b"", end=True)

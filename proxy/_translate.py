@@ -62,8 +62,8 @@ import trio
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.proxy._http1 import (
     BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ProxyError, _acquire,
-    _body_event, _connection_tokens, _DownstreamCut, _DownstreamGone, _end_of_message, _forwardable, _header,
-    _is_chunked, _mirror_attrs, _mirror_endpoint, _send_request_bytes, _shadow_host, _Span, _trailer_fields,
+    _announce_trailers, _body_event, _connection_tokens, _DownstreamCut, _DownstreamGone, _end_of_message,
+    _forwardable, _header, _is_chunked, _mirror_attrs, _mirror_endpoint, _send_request_bytes, _shadow_host, _Span, _trailer_fields,
     _UpstreamGone, read_response_head,
 )
 from tracemesh.proxy._pool import PLAINTEXT, ConnectError
@@ -214,7 +214,9 @@ def _h1_framing(req, headers) -> tuple[list, list]:
     chunked when it has no ``content-length``, or when trailers are known to come: announced in
     the head (``trailer``) or here already. A body with a ``content-length`` keeps it otherwise (the
     app may need it, and most such requests carry no trailers); trailers that come unannounced on
-    it are dropped, as Envoy's HTTP/1.1 codec drops them without chunked encoding."""
+    it are dropped, as Envoy's HTTP/1.1 codec drops them without chunked encoding. The stream's own
+    ``trailer`` announcement goes out only with a chunked body (as a framing field)."""
+    headers = [(k, v) for k, v in headers if k != b"trailer"]
     if req.ended and not req.kept_size and req.trailers is None:
         return headers, []  # no body
     if _header(headers, b"content-length") is not None and req.trailers is None and req.trailer_names is None:
@@ -403,6 +405,9 @@ class _H1Down:
             return
         status = int(_header(headers, b":status") or b"502")
         out = [(k, v) for k, v in headers if not k.startswith(b":") and k not in _DROP]
+        # h11 frames it: by its content-length, else chunked to HTTP/1.1 (where trailers can follow)
+        out = _announce_trailers(out, _header(out, b"content-length") is None
+                                 and self.dconn.their_http_version == b"1.1")
         self.headers_sent = True
         data = self.dconn.send(h11.Response(status_code=status, headers=out))
         if end:
@@ -635,7 +640,8 @@ async def _mirror_one_h2(sc, mirror, method: bytes, target: str, authority: byte
                 raise ProxyError(503, "UF", f"upstream connect error: {exc}") from None
             out = [(b":method", method), (b":scheme", b"https" if security.mtls else b"http"),
                    (b":authority", host), (b":path", target.encode("ascii"))]
-            out += [(k, v) for k, v in headers if k not in (b"traceparent", b"host") and k not in h2m._DROP]
+            # (no ``trailer``: a copy's trailers are not sent)
+            out += [(k, v) for k, v in headers if k not in (b"traceparent", b"host", b"trailer") and k not in h2m._DROP]
             out.append((b"traceparent", TraceParent(span.trace_id, span.span_id, span.flags).header().encode()))
             us = h2m._Stream(conn, conn.h2.get_next_available_stream_id())
             conn.streams[us.id] = us

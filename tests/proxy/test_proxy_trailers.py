@@ -120,7 +120,7 @@ class H2TrailerApp(ThreadedServer):
         st["path"] = path
         self.seen.append(st)
         if path.startswith("/trailers"):
-            conn.send_headers(sid, [(":status", "200"), ("content-type", "text/plain")])
+            conn.send_headers(sid, [(":status", "200"), ("content-type", "text/plain"), ("trailer", "x-checksum, x-count")])
             conn.send_data(sid, b"hello world")
             conn.send_headers(sid, [("x-checksum", "sha256=abc"), ("x-count", "2")], end_stream=True)
         else:
@@ -214,17 +214,24 @@ REQ_TRAILERS = [("x-sum", "42"), ("host", "evil"), ("content-length", "5"), ("ke
 def test_http1_chunked_trailers_cross_two_sidecars_both_ways(trmesh, otlp):
     edge, *_, h1, _ = trmesh
     rid = f"tr1-{uuid.uuid4()}"
-    resp, body, trailers = h1_exchange(edge.outbound, "POST", "/echo/1", [("host", "h1app"), ("x-request-id", rid)],
+    resp, body, trailers = h1_exchange(edge.outbound, "POST", "/echo/1",
+                                       [("host", "h1app"), ("x-request-id", rid), ("trailer", "x-sum")],
                                        [b"hello ", b"world"], REQ_TRAILERS)
     assert resp.status_code == 200
     seen = seen_at(h1, "/echo/1")
     assert seen["body"] == "hello world" and seen["trailers"] == [("x-sum", "42")]
-    assert ("transfer-encoding", "chunked") in seen["headers"]
+    # the announcement is end to end (RFC 9110 6.6.2), not a hop's: it crosses both sidecars
+    assert ("transfer-encoding", "chunked") in seen["headers"] and ("trailer", "x-sum") in seen["headers"]
     assert json.loads(body)["trailers"] == [["x-sum", "42"]]  # the answer had a length: no trailers there
+    # a body with a length cannot carry trailers: its announcement is not passed on
+    h1_exchange(edge.outbound, "POST", "/echo/cl", [("host", "h1app"), ("trailer", "x-sum"), ("content-length", "2")],
+                [b"ok"])
+    assert "trailer" not in [k for k, _ in seen_at(h1, "/echo/cl")["headers"]]
 
     resp, body, trailers = h1_exchange(edge.outbound, "GET", "/trailers", [("host", "h1app"), ("x-request-id", rid)])
     assert resp.status_code == 200 and body == b"hello world"
     assert trailers == [("x-checksum", "sha256=abc")]  # not host, content-length, keep-alive, x-secret
+    assert (b"trailer", b"x-checksum") in list(resp.headers)
     resp, body, trailers = h1_exchange(edge.outbound, "GET", "/trailers-only", [("host", "h1app")])
     assert resp.status_code == 200 and body == b"" and trailers == [("x-checksum", "none")]
     spans = otlp.wait(4, **{"guid:x-request-id": rid})  # edge CLIENT and h1app SERVER, twice
@@ -238,8 +245,8 @@ def test_an_http10_client_gets_the_body_without_trailers(trmesh, otlp):
         head, body, _ = h1_exchange(edge.outbound, "GET", "/trailers", [("Host", host), ("x-request-id", rid)],
                                     version=b"1.0")
         assert head.startswith(b"HTTP/1.1 200"), head
-        assert b"transfer-encoding" not in head.lower()
-        assert body == b"hello world"  # close-delimited: nowhere for trailers to go
+        assert b"transfer-encoding" not in head.lower() and b"\r\ntrailer:" not in head.lower()
+        assert body == b"hello world"  # close-delimited: nowhere for trailers to go (nor to announce them)
         span = otlp.wait(1, service="edge", **{"guid:x-request-id": rid})[0]
         assert span.attrs["mesh.response_flags"] == "-" and span.attrs["http.response.status_code"] == 200
 
@@ -252,16 +259,16 @@ def test_http2_trailers_to_an_http1_app_and_back(trmesh, otlp):
     seen = seen_at(h1, "/echo/h2-chunked")
     assert seen["body"] == "streamed" and seen["trailers"] == [("x-sum", "7"), ("x-more", "yes")]
     assert ("transfer-encoding", "chunked") in seen["headers"]
-    # a content-length and trailers announced (``trailer``): chunked instead, the trailers delivered;
-    # straight to the app's sidecar, as the HTTP/1.1 hop after a translation drops ``trailer`` (hop-by-hop)
-    r = h2_exchange(h1side.inbound, "/echo/h2-announced", "h1app", [("content-length", "5"), ("trailer", "x-sum")],
-                    b"12345", [("x-sum", "8")])
-    assert r["headers"][":status"] == "200"
-    seen = seen_at(h1, "/echo/h2-announced")
-    names = [k for k, _ in seen["headers"]]
-    assert seen["body"] == "12345" and seen["trailers"] == [("x-sum", "8")]
-    assert "content-length" not in names and ("transfer-encoding", "chunked") in seen["headers"]
-    assert ("trailer", "x-sum") in seen["headers"]
+    # a content-length and trailers announced (``trailer``): chunked instead, the trailers delivered,
+    # straight to the app's sidecar and through both (the HTTP/1.1 hop between keeps the announcement)
+    for via, path in ((h1side.inbound, "/echo/h2-announced"), (edge.outbound, "/echo/h2-announced-2")):
+        r = h2_exchange(via, path, "h1app", [("content-length", "5"), ("trailer", "x-sum")], b"12345", [("x-sum", "8")])
+        assert r["headers"][":status"] == "200"
+        seen = seen_at(h1, path)
+        names = [k for k, _ in seen["headers"]]
+        assert seen["body"] == "12345" and seen["trailers"] == [("x-sum", "8")]
+        assert "content-length" not in names and ("transfer-encoding", "chunked") in seen["headers"]
+        assert names.count("trailer") == 1 and ("trailer", "x-sum") in seen["headers"]
     # a content-length and unannounced trailers: the length is kept, the trailers dropped
     r = h2_exchange(edge.outbound, "/echo/h2-length", "h1app", [("content-length", "5")], b"12345", [("x-sum", "9")])
     assert r["headers"][":status"] == "200"
@@ -275,7 +282,7 @@ def test_http2_trailers_to_an_http1_app_and_back(trmesh, otlp):
     rid = f"tr2-{uuid.uuid4()}"
     r = h2_exchange(edge.outbound, "/trailers", "h1app", [("x-request-id", rid)], method="GET")
     assert r["headers"][":status"] == "200" and r["body"] == b"hello world" and r["reset"] is None
-    assert r["trailers"] == {"x-checksum": "sha256=abc"}
+    assert r["trailers"] == {"x-checksum": "sha256=abc"} and r["headers"]["trailer"] == "x-checksum"
     r = h2_exchange(edge.outbound, "/trailers-only", "h1app", [], method="GET")
     assert r["headers"][":status"] == "200" and r["body"] == b"" and r["trailers"] == {"x-checksum": "none"}
     span = otlp.wait(1, service="edge", **{"guid:x-request-id": rid})[0]
@@ -292,6 +299,7 @@ def test_http1_trailers_to_an_http2_app_and_back(trmesh):
     resp, body, trailers = h1_exchange(edge.outbound, "GET", "/trailers", [("host", "h2app")])
     assert resp.status_code == 200 and body == b"hello world"
     assert trailers == [("x-checksum", "sha256=abc"), ("x-count", "2")]
+    assert (b"trailer", b"x-checksum, x-count") in list(resp.headers)  # chunked to this client: announced
 
 
 def test_trailer_fields_pass_only_where_the_framing_has_room():
