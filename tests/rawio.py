@@ -48,3 +48,32 @@ class ThreadedServer:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+class H2EventServer(ThreadedServer):
+    """An h2c (prior knowledge) app written as :meth:`on_event`, called for each h2 event of a
+    connection in turn; what the handler queued is sent after each read. ``header_encoding`` as
+    h2's (None: headers stay bytes)."""
+
+    header_encoding: str | None = None
+
+    def serve(self, s: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.exceptions
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                    header_encoding=self.header_encoding))
+        conn.initiate_connection()
+        try:
+            with s:
+                s.sendall(conn.data_to_send())
+                while data := s.recv(65536):
+                    for ev in conn.receive_data(data):
+                        self.on_event(conn, ev)
+                    s.sendall(conn.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+
+    def on_event(self, conn, ev) -> None:
+        raise NotImplementedError

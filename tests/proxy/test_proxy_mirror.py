@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import queue
-import socket
 import threading
 import time
 import urllib.request
@@ -27,7 +26,7 @@ from h2_helpers import GrpcApp, H2App, grpc_channel, stub
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_harness import SidecarProc, StatusApp, Upstream, write_mesh
 
-from rawio import ThreadedServer
+from rawio import H2EventServer
 from tracemesh.net import Addr, free_port
 from tracemesh.proxy._http1 import MAX_MIRRORS, MAX_RETRY_BODY
 from tracemesh.proxy._translate import MIRROR_LAG_BYTES
@@ -49,7 +48,7 @@ class HeldApp(StatusApp):
         super().close()
 
 
-class StalledH2App(ThreadedServer):
+class StalledH2App(H2EventServer):
     """An h2c app that takes streams and never reads them: no WINDOW_UPDATE, no answer (a mirror
     that cannot keep up); it records the streams reset (``resets``)."""
 
@@ -58,21 +57,11 @@ class StalledH2App(ThreadedServer):
         self.resets = 0
         super().__init__()
 
-    def serve(self, s: socket.socket) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        conn.initiate_connection()
-        try:
-            with s:
-                s.sendall(conn.data_to_send())
-                while data := s.recv(65536):
-                    for ev in conn.receive_data(data):
-                        if isinstance(ev, h2.events.RequestReceived):
-                            self.opened += 1
-                        elif isinstance(ev, h2.events.StreamReset):
-                            self.resets += 1
-                    s.sendall(conn.data_to_send())
-        except (OSError, h2.exceptions.ProtocolError):
-            pass
+    def on_event(self, conn, ev) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            self.opened += 1
+        elif isinstance(ev, h2.events.StreamReset):
+            self.resets += 1
 
     def close(self) -> None:
         self.sock.close()

@@ -22,7 +22,7 @@ import pytest
 from h2_helpers import H2Client
 from sidecar_harness import SidecarProc, read_until_closed, serving, start_all, write_mesh
 
-from rawio import ThreadedServer
+from rawio import H2EventServer, ThreadedServer
 from tracemesh.net import Addr
 
 #: What the apps put after a chunked response body at ``/trailers``: the first passes, the others
@@ -85,35 +85,28 @@ class H1TrailerApp(ThreadedServer):
             pass
 
 
-class H2TrailerApp(ThreadedServer):
+class H2TrailerApp(H2EventServer):
     """An h2c app that records each stream with its trailers (``seen``); ``/trailers`` answers a
     body and trailers, anything else a JSON echo."""
 
     def __init__(self) -> None:
         self.seen: list[dict] = []
+        self.streams: dict = {}  # h2 connection -> its streams in progress
         super().__init__()
 
-    def serve(self, s: socket.socket) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.initiate_connection()
-        streams: dict[int, dict] = {}
-        try:
-            with s:
-                s.sendall(conn.data_to_send())
-                while data := s.recv(65536):
-                    for ev in conn.receive_data(data):
-                        if isinstance(ev, h2.events.RequestReceived):
-                            streams[ev.stream_id] = {"headers": list(ev.headers), "body": "", "trailers": []}
-                        elif isinstance(ev, h2.events.DataReceived):
-                            streams[ev.stream_id]["body"] += ev.data.decode(errors="replace")
-                            conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                        elif isinstance(ev, h2.events.TrailersReceived):
-                            streams[ev.stream_id]["trailers"] = list(ev.headers)
-                        elif isinstance(ev, h2.events.StreamEnded):
-                            self._respond(conn, ev.stream_id, streams.pop(ev.stream_id))
-                    s.sendall(conn.data_to_send())
-        except (OSError, h2.exceptions.ProtocolError):
-            pass
+    header_encoding = "utf-8"
+
+    def on_event(self, conn, ev) -> None:
+        streams = self.streams.setdefault(conn, {})  # per connection: stream ids repeat across them
+        if isinstance(ev, h2.events.RequestReceived):
+            streams[ev.stream_id] = {"headers": list(ev.headers), "body": "", "trailers": []}
+        elif isinstance(ev, h2.events.DataReceived):
+            streams[ev.stream_id]["body"] += ev.data.decode(errors="replace")
+            conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.TrailersReceived):
+            streams[ev.stream_id]["trailers"] = list(ev.headers)
+        elif isinstance(ev, h2.events.StreamEnded):
+            self._respond(conn, ev.stream_id, streams.pop(ev.stream_id))
 
     def _respond(self, conn, sid: int, st: dict) -> None:
         path = dict(st["headers"])[":path"]
