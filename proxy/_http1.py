@@ -276,9 +276,11 @@ def _connection_tokens(headers) -> set[bytes]:
     return named
 
 
-def _forwardable(headers) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers, and any header named in ``Connection``."""
-    named = _connection_tokens(headers)
+def _forwardable(headers, named=None) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, and any header named in ``Connection`` (*named*, when the caller
+    has the tokens already)."""
+    if named is None:
+        named = _connection_tokens(headers)
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
 
 
@@ -307,14 +309,15 @@ def _trailer_fields(trailers, named=frozenset()) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in trailers if k not in NOT_TRAILERS and k not in named and not k.startswith(b":")]
 
 
-def _end_of_message(conn: h11.Connection, trailers=(), head=()) -> h11.EndOfMessage:
+def _end_of_message(conn: h11.Connection, trailers=(), head=(), named=frozenset()) -> h11.EndOfMessage:
     """The end of the message *conn* is sending, with *trailers* (as :func:`_trailer_fields` lets
-    them pass, *head* being the message's header fields) when its body is chunked; else they are
+    them pass, *head* being the message's header fields as received, or *named* the tokens of its
+    ``Connection``) when its body is chunked; else they are
     dropped: RFC 9112 has no place for them after a Content-Length body or an HTTP/1.0 peer's
     close-delimited one, and h11 (which raises then, breaking the connection) has no public way
     to ask which framing it chose: its writer says."""
     if trailers and isinstance(getattr(conn, "_writer", None), _ChunkedWriter):
-        fields = _trailer_fields(trailers, _connection_tokens(head) if head else frozenset())
+        fields = _trailer_fields(trailers, _connection_tokens(head) if head else named)
         if fields:
             return h11.EndOfMessage(headers=fields)
     return _END
@@ -865,7 +868,8 @@ class Sidecar:
         length = _header(headers, b"content-length")
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
         upgrade = _upgrade_token(headers)
-        headers = _announce_trailers(_forwardable(headers), chunked)
+        named = _connection_tokens(headers)  # fields these name stay out of the trailers too
+        headers = _announce_trailers(_forwardable(headers, named), chunked)
         if chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         if upgrade is not None:  # passed through: the upstream's 101 turns the connection into a tunnel
@@ -928,7 +932,7 @@ class Sidecar:
             try:
                 resp, uc = await self._attempt(upstream, security, dconn, dstream, out_req, has_body, body, replayable,
                                                span, attempt_deadline, timeout if attempt_deadline == deadline else None,
-                                               tee)
+                                               tee, named)
                 outcome = Outcome(resp.status_code)
             except ProxyError as exc:
                 error = exc
@@ -1087,7 +1091,7 @@ class Sidecar:
 
     async def _attempt(self, upstream: Addr, security: Security, dconn, dstream, out_req, has_body: bool,
                        body: bytes | None, replayable: bool, span: _Span, deadline: float, route_timeout: float | None,
-                       tee=None):
+                       tee=None, named=frozenset()):
         """One try: a connection (a stale kept-alive one is replaced once), the request, the response
         head. Returns (response head, connection); ProxyError when it failed. *tee* (a streamed
         body's mirror copy) is fed as the body goes; a body that did not end here never will for it."""
@@ -1096,7 +1100,7 @@ class Sidecar:
                 uc = await _acquire(self, upstream, security, span)
                 try:
                     return await self._send_request(uc, dconn, dstream, out_req, has_body, span, deadline,
-                                                    body, route_timeout, tee), uc
+                                                    body, route_timeout, tee, named), uc
                 except _UpstreamGone as exc:
                     await uc.aclose()
                     if uc.reused and replayable and attempt == 1:
@@ -1111,9 +1115,11 @@ class Sidecar:
                 tee.close()  # counted skipped unless the body ended (then its copy has left)
 
     async def _send_request(self, uc: UpstreamConn, dconn, dstream, out_req, has_body: bool, span: _Span, deadline,
-                            body: bytes | None = None, route_timeout: float | None = ROUTE_TIMEOUT_S, tee=None):
+                            body: bytes | None = None, route_timeout: float | None = ROUTE_TIMEOUT_S, tee=None,
+                            named=frozenset()):
         """Send the request head and body (streamed from the downstream, or *body* when it was read
-        whole) upstream; return the response head. *route_timeout* None: the deadline is a per-try one."""
+        whole) upstream; return the response head. *route_timeout* None: the deadline is a per-try one.
+        *named*: the tokens of the request's ``Connection`` (its fields stay out of the trailers)."""
         u = uc.h11
         # Writes are coalesced: what h11 hands over without waiting for the network (the head, a
         # small body, the end) goes out in one send; a wait for the downstream flushes first.
@@ -1145,7 +1151,7 @@ class Sidecar:
                     break
                 else:
                     raise _DownstreamGone()
-            pending += u.send(_end_of_message(u, trailers))
+            pending += u.send(_end_of_message(u, trailers, named=named))
             await flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _UpstreamGone(f"sending the request failed ({exc})") from None

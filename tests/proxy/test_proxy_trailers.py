@@ -216,6 +216,10 @@ def test_http1_chunked_trailers_cross_two_sidecars_both_ways(trmesh, otlp):
     # the announcement is end to end (RFC 9110 6.6.2), not a hop's: it crosses both sidecars
     assert ("transfer-encoding", "chunked") in seen["headers"] and ("trailer", "x-sum") in seen["headers"]
     assert json.loads(body)["trailers"] == [["x-sum", "42"]]  # the answer had a length: no trailers there
+    # a field the request's head names in Connection is that hop's alone, in its trailers too
+    h1_exchange(edge.outbound, "POST", "/echo/hop", [("host", "h1app"), ("connection", "x-hop")], [b"abc"],
+                [("x-sum", "1"), ("x-hop", "gone")])
+    assert seen_at(h1, "/echo/hop")["trailers"] == [("x-sum", "1")]
     # a body with a length cannot carry trailers: its announcement is not passed on
     h1_exchange(edge.outbound, "POST", "/echo/cl", [("host", "h1app"), ("trailer", "x-sum"), ("content-length", "2")],
                 [b"ok"])
