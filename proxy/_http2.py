@@ -86,6 +86,7 @@ from tracemesh.proxy._pool import CONNECT_TIMEOUT_S, PLAINTEXT, ConnectError, Se
 from tracemesh.proxy._recorder import KIND_CLIENT, KIND_SERVER
 from tracemesh.proxy._resilience import Outcome
 from tracemesh.proxy._router import Selection
+from tracemesh.proxy._sockio import FastStream
 
 log = logging.getLogger("tracemesh.sidecar.h2")
 
@@ -300,7 +301,9 @@ class H2Conn:
         })
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.stream = stream
+        # plain TCP: no trip through the scheduler per read and write (._sockio); safe here, as
+        # sends are serialised by flush's lock and one task reads
+        self.stream = FastStream.wrap(stream)
         self.streams: dict[int, _Stream] = {}
         self._lock = trio.StrictFIFOLock()
         self._window = trio.Event()
