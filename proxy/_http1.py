@@ -174,8 +174,6 @@ class _Span:
 CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate"}) | B3_HEADERS
 #: ``-flags`` of a traceparent, by the flags' value (a byte)
 _FLAGS_HEX = tuple(b"-%02x" % i for i in range(256))
-
-
 #: What :meth:`Sidecar._admit` drops from a request (and sets anew): one set, one lookup per header
 _REPLACED_HEADERS = CONTEXT_HEADERS | {PEER_HEADER, XFCC_HEADER}
 

@@ -63,8 +63,8 @@ from tracemesh._h11io import next_event as _next_event
 from tracemesh.proxy._http1 import (
     BODY_IDLE_TIMEOUT_S, COALESCE_BYTES, MAX_MIRRORS, MAX_RETRY_BODY, ProxyError, _acquire,
     _announce_trailers, _body_event, _connection_tokens, _DownstreamCut, _DownstreamGone, _end_of_message,
-    _forwardable, _header, _is_chunked, _mirror_attrs, _mirror_endpoint, _send_request_bytes, _shadow_host, _Span, _trailer_fields,
-    _UpstreamGone, read_response_head,
+    _forwardable, _header, _is_chunked, _mirror_attrs, _mirror_endpoint, _send_request_bytes, _shadow_host, _Span,
+    _trailer_fields, _UpstreamGone, read_response_head,
 )
 from tracemesh.proxy._pool import PLAINTEXT, ConnectError
 from tracemesh.proxy._recorder import KIND_CLIENT
