@@ -386,3 +386,27 @@ def test_threads_encode_and_check_at_once():
     for t in threads:
         t.join()
     assert not bad
+
+
+def test_a_block_is_written_again_only_once_nobody_holds_it():
+    """encode() reuses its last block (no fresh pages per batch), never one a caller still holds,
+    and the bytes it hands out are always the batch's own, whatever size came before."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.collector import build_requests
+
+    payloads = build_requests(6)
+    sizes = [4, 3, 4, 2, 6, 6, 5, 1, 6]  # smaller, equal and larger than the block before
+    want = {n: bytes(bytearray(_otlpc.encode(payloads[:n])[1])) for n in set(sizes)}  # copies
+    held = []
+    for i, n in enumerate(sizes):
+        rows, block = _otlpc.encode(payloads[:n], checked=True)
+        assert rows == n * 500 and block == want[n]
+        assert hash(block) == hash(want[n])  # not the hash cached in the block's last life
+        if i % 3 == 2:
+            held.append((n, block))  # kept: later batches must not write into it
+        del block
+    for n, block in held:
+        assert block == want[n]
