@@ -205,7 +205,8 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                                    + (workdir / "collector.log").read_text()[-3000:])
             time.sleep(0.2)  # the collector answers these polls on the CPU we measure: not too often
         wall, cpu, merge_cpu = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _merge_cpu_s(proc.pid) - merge0
-        inserts = _get(f"{api}/api/stats")["pipeline"]["inserts"]
+        pipeline = _get(f"{api}/api/stats")["pipeline"]
+        inserts = pipeline["inserts"]
         lat, errors = [], 0
         for _ in procs:
             l, e = q.get()
@@ -224,6 +225,8 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
             "merge_cpu_s": round(merge_cpu, 2), "spans_per_cpu_s_without_merges": round(target / max(cpu - merge_cpu, 1e-9)),
             "p50_export_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_export_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
             "export_retries": errors, "inserts": inserts, "spans_per_insert": round(target / max(inserts, 1)),
+            # exports that waited only in the write-ahead log (memory was at its bound) and were read back
+            "exports_read_back": pipeline["records_read_back"],
             "peak_rss_mb": round(_rss_peak_mb(proc.pid), 1),
             "bytes_per_span": round(int(parts["b"]) / max(int(parts["r"]), 1), 1),
         }
