@@ -19,12 +19,16 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from tracemesh._fs import fsync_dir
+
+try:  # zlib's CRC-32, 4x faster where the CPU folds with PCLMULQDQ (collector/_crc32.c)
+    from tracemesh.collector._crc32 import crc32
+except ImportError:  # pragma: no cover - installs without a compiler
+    from zlib import crc32
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class _Loc:
 
 
 def _crc(seq: int, kind: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<QB", seq, kind)))
+    return crc32(payload, crc32(struct.pack("<QB", seq, kind)))
 
 
 class WAL:

@@ -152,3 +152,63 @@ def test_rotation_under_concurrent_appends_never_reuses_a_sequence_number(tmp_pa
     w.close()
     w = WAL(tmp_path, segment_bytes=4096)
     assert {s: w.read(s)[1] for s in w.seqs()} == dict(got)
+
+
+# -- the checksum: zlib's CRC-32, whichever implementation computes it -------------------------
+
+def test_records_carry_zlibs_crc32_of_seq_kind_and_payload(tmp_path):
+    """The format does not depend on the implementation: a log written with the folded CRC reads
+    with zlib's, and the other way round."""
+    import struct
+    import zlib
+
+    w = WAL(tmp_path)
+    payloads = [os.urandom(n) for n in (0, 1, 63, 64, 65, 1000, 70_000)]
+    for i, p in enumerate(payloads):
+        w.append(i % 3 + 1, p)
+    w.close()
+    data = next(tmp_path.glob("*.wal")).read_bytes()
+    off, seen = 0, []
+    while off < len(data):
+        length, crc, seq, kind = struct.unpack_from("<IIQB", data, off)
+        payload = data[off + 17: off + 17 + length]
+        assert crc == zlib.crc32(payload, zlib.crc32(struct.pack("<QB", seq, kind)))
+        seen.append(payload)
+        off += 17 + length
+    assert seen == payloads
+
+
+_crc32 = pytest.importorskip("tracemesh.collector._crc32")
+
+
+@given(st.binary(max_size=600), st.integers(min_value=0, max_value=15), st.integers(min_value=0, max_value=2**32 - 1))
+@settings(max_examples=400, deadline=None)
+def test_the_folded_crc32_is_zlibs(data, skip, start):
+    import zlib
+
+    view = memoryview(data)[skip:]  # every alignment of the folded loads
+    assert _crc32.crc32(view) == zlib.crc32(view)
+    assert _crc32.crc32(view, start) == zlib.crc32(view, start)
+
+
+def test_the_folded_crc32_is_zlibs_on_large_inputs_and_without_pclmul():
+    import subprocess
+    import sys
+    import zlib
+
+    big = os.urandom(1 << 20)
+    for n in (1 << 20, 404_632, 65_536 + 17, 16_384, 16_383):
+        assert _crc32.crc32(big[:n]) == zlib.crc32(big[:n])
+    # the byte table alone (a CPU without PCLMULQDQ)
+    code = ("import os, zlib; from tracemesh.collector import _crc32; assert not _crc32.folding(); "
+            "d = os.urandom(100_003); assert all(_crc32.crc32(d[:n], 7) == zlib.crc32(d[:n], 7) for n in range(0, 300)); "
+            "assert _crc32.crc32(d) == zlib.crc32(d)")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRACEMESH_CRC32_TABLE": "1"}, check=True)
+
+
+def test_the_crc32_refuses_what_zlib_refuses():
+    with pytest.raises(TypeError):
+        _crc32.crc32("text")
+    with pytest.raises(TypeError):
+        _crc32.crc32()
+    assert _crc32.crc32(b"", 5) == 5
