@@ -112,16 +112,21 @@ def test_httpx_http2_concurrent_requests_share_a_connection(h2mesh):
     with httpx.Client(http1=False, http2=True, base_url=f"http://{front.outbound}", headers={"host": "echo"},
                       timeout=20) as client:
         results: list = []
+        errors: list = []
 
         def one(i: int) -> None:
-            r = client.post(f"/n/{i}", content=b"y" * (i * 1000))
-            results.append((r.http_version, r.status_code, r.json()["body_len"], i))
+            try:
+                r = client.post(f"/n/{i}", content=b"y" * (i * 1000))
+                results.append((r.http_version, r.status_code, r.json()["body_len"], i))
+            except Exception as exc:  # kept for the assertion below (a thread's exception is otherwise lost)
+                errors.append((i, repr(exc)))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
+    assert not errors, errors
     assert sorted(r[3] for r in results) == list(range(16))
     assert all(v == "HTTP/2" and code == 200 and n == i * 1000 for v, code, n, i in results), results
 
