@@ -100,11 +100,6 @@ class NativeTraces:
     def weight(self) -> int:
         return max(1, sum(map(len, self.payloads)) // self.row_bytes)
 
-    @property
-    def memory(self) -> int:
-        """What it holds, in rows encoded as Python objects (see _pipeline.memory)."""
-        return max(1, sum(map(len, self.payloads)) // PY_ROW_BYTES)
-
 
 def validate_traces(req: ExportTraceServiceRequest, payload: bytes) -> tuple[dict, Rejections]:
     """The receiver's work for the native path: the same refusals as encode_traces, no encoding."""

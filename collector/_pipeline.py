@@ -3,7 +3,7 @@
 A receiver validates and encodes an export, then calls :meth:`Pipeline.submit`, which appends the
 raw request to the write-ahead log (group commit) and returns only once it is on disk; only then is
 the export acknowledged. The encoded rows wait in memory for the writer thread, up to
-``max_memory_rows`` (counted as in :func:`memory`); beyond that an entry keeps only its place in the log (spooled) and is decoded
+``max_memory_rows``; beyond that an entry keeps only its place in the log (spooled) and is decoded
 again from the log when its turn comes (a batch kept as protobuf bytes is rebuilt from it without
 being parsed again). When the log itself is full, :class:`Backpressure` tells
 the receiver to push back.
@@ -45,8 +45,7 @@ MAX_BATCH_ROWS = 25_000
 MAX_RUN_ROWS = 100_000
 #: Data is queryable within about this long after it arrives.
 FLUSH_INTERVAL_S = 0.2
-#: Rows held in memory for the writer (counted as in :func:`memory`: ~240 MB); beyond this, entries
-#: are spooled (kept only in the log, read back when their turn comes).
+#: Rows held in memory for the writer; beyond this, entries are spooled (kept only in the log).
 MAX_MEMORY_ROWS = 100_000
 #: After a failed insert, wait this long (doubling up to the max) before trying the same run again.
 RETRY_BACKOFF_S, RETRY_BACKOFF_MAX_S = 0.5, 10.0
@@ -66,16 +65,6 @@ def weight(batches: dict) -> int:
     ClickHouse to parse, ~0.8 KB a span): its inserts are then larger, which amortises their fixed
     cost (planning ClickHouse's own OTLP parsing takes ~0.2 s). Memory is still bounded in rows."""
     return sum(getattr(b, "weight", None) or len(b) for b in batches.values())
-
-
-def memory(batches: dict) -> int:
-    """What *batches* count against the rows held in memory, in rows encoded as Python objects
-    (~2.4 KB each). A batch may say less through a ``memory`` attribute (trace requests kept as
-    protobuf bytes: their bytes in such rows, ~0.8 KB a span), so that light batches are not spooled
-    to the log and read back while memory is far from its bound (measured: a third of the records
-    of benchmarks/collector.py's run were spooled and read back, when light rows counted as full
-    ones)."""
-    return sum(getattr(b, "memory", None) or len(b) for b in batches.values())
 
 
 def _light(batches: dict) -> dict | None:
@@ -123,7 +112,6 @@ class _Entry:
     batches: dict | None  # None: spooled, decode from the log
     rows: int
     weight: int  # see weight(): batches are limited by it
-    memory: int  # see memory(): what it counts against max_memory_rows while it is held
     light: dict | None = None  # spooled: rebuilds the batches from the logged payload (see _light)
 
 
@@ -182,7 +170,7 @@ class Pipeline:
                 self._forced = (first, last)
         for s in seqs:
             loc_rows = _RECOVERED_ROWS_GUESS
-            self._pending[s] = _Entry(s, None, loc_rows, loc_rows, 0)
+            self._pending[s] = _Entry(s, None, loc_rows, loc_rows)
         self.stats.recovered_records = self.stats.spooled_records = len(seqs)
         if seqs:
             log.info("write-ahead log holds %d records not known to be stored: storing them again "
@@ -207,17 +195,16 @@ class Pipeline:
         if not rows:
             self.stats.rejected_rows += rejected
             return None
-        w, mem = weight(batches), memory(batches)
+        w = weight(batches)
 
         def assigned(seq: int) -> None:
             with self._cond:
-                spool = self._memory_rows + mem > self._max_memory
-                self._pending[seq] = _Entry(seq, None if spool else batches, rows, w, mem,
-                                            _light(batches) if spool else None)
+                spool = self._memory_rows + rows > self._max_memory
+                self._pending[seq] = _Entry(seq, None if spool else batches, rows, w, _light(batches) if spool else None)
                 if spool:
                     self.stats.spooled_records += 1
                 else:
-                    self._memory_rows += mem
+                    self._memory_rows += rows
 
         if self._closing:
             self.stats.refused_exports += 1
@@ -334,7 +321,7 @@ class Pipeline:
                 for e in run:
                     del self._pending[e.seq]
                     if e.batches is not None:
-                        self._memory_rows -= e.memory
+                        self._memory_rows -= e.rows
                     else:
                         self.stats.spooled_records -= 1
                 self._next = last + 1
