@@ -1717,10 +1717,10 @@ static const int COL_BUFS[22][5] = {
 
 PyDoc_STRVAR(encode_doc,
 "encode(payloads, checked=False) -> (rows, block)\n\n"
-"The valid spans of a batch of ExportTraceServiceRequest payloads (bytes) as one ClickHouse Native\n"
-"block for otel_traces: exactly the rows _encode.encode_traces produces. Raises DecodeError when a\n"
-"payload does not parse. checked=True: every payload passed check() already, so it is not\n"
-"validated again (malformed bytes then give wrong rows, never a read out of bounds).");
+"The valid spans of a batch of ExportTraceServiceRequest payloads (bytes or bytes-like) as one\n"
+"ClickHouse Native block for otel_traces: exactly the rows _encode.encode_traces produces. Raises\n"
+"DecodeError when a payload does not parse. checked=True: every payload passed check() already, so\n"
+"it is not validated again (malformed bytes then give wrong rows, never a read out of bounds).");
 
 static PyObject *py_encode(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"payloads", "checked", NULL};
@@ -1735,26 +1735,36 @@ static PyObject *py_encode(PyObject *self, PyObject *args, PyObject *kwargs) {
         return NULL;
     Py_ssize_t np = PyTuple_GET_SIZE(seq);
     PyObject **items = &PyTuple_GET_ITEM(seq, 0);
-    for (Py_ssize_t i = 0; i < np; i++)
-        if (!PyBytes_Check(items[i])) {
-            Py_DECREF(seq);
-            PyErr_SetString(PyExc_TypeError, "encode() takes a sequence of bytes");
-            return NULL;
-        }
     sv *pl = PyMem_Malloc((size_t)(np ? np : 1) * sizeof(sv));
-    if (!pl) {
+    /* bytes, or any contiguous buffer (the write-ahead log hands over views of its mapped pages);
+     * held, so that none can be resized or released while the GIL is released */
+    Py_buffer *views = PyMem_Calloc((size_t)(np ? np : 1), sizeof(Py_buffer));
+    if (!pl || !views) {
+        PyMem_Free(pl);
+        PyMem_Free(views);
         Py_DECREF(seq);
         return PyErr_NoMemory();
     }
-    for (Py_ssize_t i = 0; i < np; i++) {
-        pl[i].p = (const uint8_t *)PyBytes_AS_STRING(items[i]);
-        pl[i].n = (size_t)PyBytes_GET_SIZE(items[i]);
+    Py_ssize_t held = 0;
+    for (; held < np; held++) {
+        if (PyObject_GetBuffer(items[held], &views[held], PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "encode() takes a sequence of bytes (or bytes-like objects)");
+            break;
+        }
+        pl[held].p = (const uint8_t *)views[held].buf;
+        pl[held].n = (size_t)views[held].len;
     }
-    walk_t *w = walk_take();
+    walk_t *w = held == np ? walk_take() : NULL;
     if (!w) {
+        if (held == np)
+            PyErr_NoMemory();
+        for (Py_ssize_t i = 0; i < held; i++)
+            PyBuffer_Release(&views[i]);
+        PyMem_Free(views);
         PyMem_Free(pl);
         Py_DECREF(seq);
-        return PyErr_NoMemory();
+        return NULL;
     }
     w->encode = 1;
     vctx vc;
@@ -1807,6 +1817,9 @@ static PyObject *py_encode(PyObject *self, PyObject *args, PyObject *kwargs) {
         }
     }
     walk_give_back(w);
+    for (Py_ssize_t i = 0; i < np; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
     PyMem_Free(pl);
     Py_DECREF(seq);
     return out;

@@ -270,11 +270,12 @@ class Pipeline:
             if e.batches is not None:
                 parts.append(e.batches)
                 continue
-            kind, payload = self.wal.read(e.seq)
             self.stats.read_back_records += 1
-            if e.light is not None:
+            if e.light is not None:  # kept as the logged bytes: a view of the log's pages will do
+                kind, payload = self.wal.read_view(e.seq)
                 parts.append({table: rebuild(payload) for table, rebuild in e.light.items()})
             else:
+                kind, payload = self.wal.read(e.seq)
                 parts.append(self._decode(kind, payload))
         tables = _merge(parts)
         return tables, sum(len(b) for b in tables.values())

@@ -16,6 +16,7 @@ Thread-safe. Not async: receivers run in grpcio's threads and in worker threads 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -72,6 +73,8 @@ class WAL:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._index: dict[int, _Loc] = {}
+        self._maps: dict[Path, mmap.mmap] = {}  # read_view's mappings of segments, by path
+        self._maps_lock = threading.Lock()
         self._segments: list[tuple[int, Path]] = []  # (first seq, path), oldest first
         self._bytes = 0
         self.truncated_bytes = 0  # cut off a torn tail at open
@@ -236,6 +239,30 @@ class WAL:
             raise IOError(f"WAL record {seq} in {loc.segment} fails its checksum")
         return kind, payload
 
+    def read_view(self, seq: int) -> tuple[int, memoryview]:
+        """As :meth:`read`, the payload a read-only view of the segment's mapping (the page cache's
+        own pages) instead of a copy: reading a spooled record back costs no fresh memory (a copy
+        took ~320 us of a 400 KB export here, nearly all of it first-touch page faults). The view
+        stays valid after the record is released and its segment deleted."""
+        loc = self._index[seq]
+        start, end = loc.offset - _HEADER.size, loc.offset + loc.length
+        with self._maps_lock:
+            m = self._maps.get(loc.segment)
+            if m is None or len(m) < end:  # the active segment has grown since it was mapped
+                with open(loc.segment, "rb") as f:
+                    m = self._maps[loc.segment] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        record = memoryview(m)[start:end]
+        length, crc, rseq, kind = _HEADER.unpack_from(record)
+        payload = record[_HEADER.size:]
+        if rseq != seq or length != loc.length or _crc(seq, kind, payload) != crc:
+            raise IOError(f"WAL record {seq} in {loc.segment} fails its checksum")
+        return kind, payload
+
+    def _unmap(self, path: Path) -> None:
+        """Forget the mapping of a deleted segment (views still held keep it alive until they go)."""
+        with self._maps_lock:
+            self._maps.pop(path, None)
+
     def seqs(self, start: int = 1) -> Iterator[int]:
         """Sequence numbers still held, from *start*, in order."""
         return iter(sorted(s for s in self._index if s >= start))
@@ -248,6 +275,7 @@ class WAL:
                 del self._index[s]
             while len(self._segments) > 1 and self._segments[1][0] <= through_seq + 1:
                 _, path = self._segments.pop(0)
+                self._unmap(path)
                 try:
                     size = path.stat().st_size
                     path.unlink()
@@ -261,6 +289,7 @@ class WAL:
                 # everything is stored: restart the active segment empty rather than let it grow
                 os.close(self._fd)
                 _, path = self._segments.pop()
+                self._unmap(path)
                 path.unlink(missing_ok=True)
                 self._bytes -= self._seg_size
                 freed += self._seg_size
@@ -277,3 +306,5 @@ class WAL:
             if self._sync:
                 os.fdatasync(self._fd)
             os.close(self._fd)
+        with self._maps_lock:
+            self._maps.clear()

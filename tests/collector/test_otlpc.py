@@ -410,3 +410,29 @@ def test_a_block_is_written_again_only_once_nobody_holds_it():
         del block
     for n, block in held:
         assert block == want[n]
+
+
+def test_encode_takes_bytes_like_payloads_and_refuses_the_rest():
+    """The write-ahead log hands spooled records back as views of its mapped pages."""
+    import mmap
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.collector import build_requests
+
+    payloads = build_requests(3)
+    want = bytes(bytearray(_otlpc.encode(payloads)[1]))
+    m = mmap.mmap(-1, sum(map(len, payloads)))
+    views, off = [], 0
+    for p in payloads:
+        m[off:off + len(p)] = p
+        views.append(memoryview(m)[off:off + len(p)])
+        off += len(p)
+    assert _otlpc.encode(views, checked=True)[1] == want
+    assert _otlpc.encode([bytearray(p) for p in payloads])[1] == want
+    for bad in (["text"], [views[0], 5], [None]):
+        with pytest.raises(TypeError):
+            _otlpc.encode(bad)
+    del views
+    m.close()  # BufferError if encode kept an export of the mapping (on success or on error)

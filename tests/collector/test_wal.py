@@ -212,3 +212,33 @@ def test_the_crc32_refuses_what_zlib_refuses():
     with pytest.raises(TypeError):
         _crc32.crc32()
     assert _crc32.crc32(b"", 5) == 5
+
+
+def test_read_view_is_read_without_a_copy_and_outlives_its_segment(tmp_path):
+    w = WAL(tmp_path, segment_bytes=4096)
+    payloads = [os.urandom(n) for n in (10, 1500, 3000, 700, 2500)]  # several segments
+    seqs = [w.append(i % 3 + 1, p) for i, p in enumerate(payloads)]
+    views = {s: w.read_view(s) for s in seqs[:2]}
+    # the active segment grows after it was mapped: later records are still read whole
+    seqs.append(w.append(3, b"later"))
+    payloads.append(b"later")
+    for s, p in zip(seqs, payloads):
+        kind, view = w.read_view(s)
+        assert isinstance(view, memoryview) and view.readonly
+        assert (kind, bytes(view)) == w.read(s) == ((s - 1) % 3 + 1, p)
+    w.release(seqs[-1])  # stored: the segments are deleted
+    assert not [p for p in tmp_path.glob("*.wal") if p.stat().st_size]
+    assert {s: (k, bytes(v)) for s, (k, v) in views.items()} == {seqs[0]: (1, payloads[0]), seqs[1]: (2, payloads[1])}
+    w.close()
+
+
+def test_read_view_checks_the_crc(tmp_path):
+    w = WAL(tmp_path)
+    seq = w.append(1, b"payload bytes")
+    seg = next(tmp_path.glob("*.wal"))
+    with open(seg, "r+b") as f:  # the disk changes under the log (a bad sector, a stray write)
+        f.seek(17 + 3)
+        f.write(b"X")
+    with pytest.raises(IOError, match="checksum"):
+        w.read_view(seq)
+    w.close()
