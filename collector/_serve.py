@@ -287,6 +287,7 @@ def status(api: str) -> int:
           f"(last {p['last_insert_ms']:.1f} ms, {p['insert_errors']} failed)")
     for table, n in sorted(p["rows_stored_by_table"].items()):
         print(f"    {table:28s} {n}")
-    print(f"  waiting     {p['rows_queued']} rows; {p['records_spooled']} exports only in the log")
+    print(f"  waiting     {p['rows_queued']} rows; {p['records_spooled']} exports only in the log "
+          f"({p['records_read_back']} read back from it so far: memory was at its bound)")
     print(f"  log         {p['wal_bytes']} bytes, {p['wal_syncs']} group commits")
     return 0

@@ -178,8 +178,8 @@ def test_metrics_endpoint_and_status_command(col, run_tracemesh):
     text = httpx.get(f"{col.api_url}/metrics").text
     for name in ("tracemesh_collector_exports_total", "tracemesh_collector_rows_received_total",
                  "tracemesh_collector_wal_bytes", 'tracemesh_collector_rows_stored_total{table="otel_traces"}',
-                 "tracemesh_collector_storage_up 1"):
+                 "tracemesh_collector_storage_up 1", "tracemesh_collector_records_read_back_total"):
         assert name in text, name
     r = run_tracemesh("collector", "status", "--api", col.api_url)
     assert r.returncode == 0, r.stderr
-    assert "storage     up" in r.stdout and "otel_traces" in r.stdout
+    assert "storage     up" in r.stdout and "otel_traces" in r.stdout and "read back from it" in r.stdout
