@@ -175,6 +175,13 @@ def test_unknown_paths_and_methods(col):
 
 
 def test_metrics_endpoint_and_status_command(col, run_tracemesh):
+    # a stored span of its own, so that the test also passes when it runs alone
+    provider = TracerProvider(resource=_resource("metrics-endpoint"))
+    provider.add_span_processor(SimpleSpanProcessor(HttpSpanExporter(endpoint=f"{col.http_url}/v1/traces")))
+    with provider.get_tracer("t").start_as_current_span("counted"):
+        pass
+    provider.shutdown()
+    col.wait_rows("SELECT 1 FROM otel_traces WHERE ServiceName = 'metrics-endpoint'", 1)
     text = httpx.get(f"{col.api_url}/metrics").text
     for name in ("tracemesh_collector_exports_total", "tracemesh_collector_rows_received_total",
                  "tracemesh_collector_wal_bytes", 'tracemesh_collector_rows_stored_total{table="otel_traces"}',
