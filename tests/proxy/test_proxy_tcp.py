@@ -255,8 +255,15 @@ def test_upstream_down_closes_the_connection_with_uf(plain, otlp):
 
 
 def test_tcp_metrics_on_the_admin_endpoint(plain):
-    payload = b"x" * 1000
-    assert send_and_digest(plain.out["digest"], payload) == expected_digest(payload)
+    # its own traffic (the counters are the sidecar's for its life: other tests may add to them)
+    for payload in (os.urandom(300_000), b"x" * 1000):
+        assert send_and_digest(plain.out["digest"], payload) == expected_digest(payload)
+    with socket.create_connection(plain.out["down"], timeout=10) as s:  # upstream down: UF
+        try:
+            s.sendall(b"hello?")
+            read_all(s)
+        except ConnectionResetError:
+            pass
     deadline = time.monotonic() + 10
     while True:  # the span (and the closed count) is recorded just after the client sees the close
         text = urllib.request.urlopen(f"http://{plain.admin}/metrics", timeout=10).read().decode()
@@ -264,7 +271,8 @@ def test_tcp_metrics_on_the_admin_endpoint(plain):
         samples = {(f.name, s.labels.get("destination_service"), s.labels.get("response_flags")): s
                    for f in fams.values() for s in f.samples}
         closed = samples.get(("istio_tcp_connections_closed", "digest", "-"))
-        if (closed and closed.value >= 2) or time.monotonic() > deadline:
+        down = samples.get(("istio_tcp_connections_opened", "down", "UF"))
+        if (closed and closed.value >= 2 and down) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     opened = samples[("istio_tcp_connections_opened", "digest", "-")]
