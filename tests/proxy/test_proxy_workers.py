@@ -144,15 +144,18 @@ def test_every_worker_follows_the_config_file(workers_sidecar):
             finally:
                 conn.close()
 
-        def all_moved():  # fresh connections, so every worker is asked (3 workers, 30 connections)
+        def all_on(service: str) -> bool:  # fresh connections, so every worker is asked (3 workers, 30 connections)
             with ThreadPoolExecutor(6) as pool:
-                return set(pool.map(lambda _: answered_by(), range(30))) == {"wapp2"}
+                return set(pool.map(lambda _: answered_by(), range(30))) == {service}
 
-        _wait(all_moved, 20, "every worker routing to the new endpoint")
+        _wait(lambda: all_on("wapp2"), 20, "every worker routing to the new endpoint")
         _wait(lambda: sc.stderr().count("config reloaded from") >= WORKERS, 5, "a reload in every worker")
     finally:
         write_config(sc.config, {"wapp": [(sc.app, "v1")]})
-        app2.close()
+        try:  # back on the first endpoint in every worker before app2 goes: the tests after this one
+            _wait(lambda: all_on("wapp"), 20, "every worker routing to the first endpoint again")
+        finally:
+            app2.close()
 
 
 def test_a_killed_worker_is_restarted_and_the_sidecar_keeps_serving(workers_sidecar, otlp):
