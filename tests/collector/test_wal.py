@@ -242,3 +242,23 @@ def test_read_view_checks_the_crc(tmp_path):
     with pytest.raises(IOError, match="checksum"):
         w.read_view(seq)
     w.close()
+
+
+def test_the_wal_benchmark_runs_and_reports_both_sides():
+    """benchmarks/wal.py --quick (well under a second): its JSON, not its speed, is checked here."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "wal.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--records", "20", "--record-kb", "64"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["records"] == 20 and out["record_bytes"] == 64_000
+    assert out["crc_implementation"] in ("folded (PCLMULQDQ)", "byte table", "zlib")
+    assert out["crc32"]["log_us"] > 0 and out["crc32"]["zlib_us"] > 0
+    for side in ("view", "copy"):
+        assert out["read_back"][side]["cpu_us_per_record"] >= 0
+    assert out["append"]["us_per_record"] > 0
