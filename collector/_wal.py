@@ -234,10 +234,7 @@ class WAL:
             f.seek(loc.offset - _HEADER.size)
             head = f.read(_HEADER.size)
             payload = f.read(loc.length)
-        length, crc, rseq, kind = _HEADER.unpack(head)
-        if rseq != seq or _crc(seq, kind, payload) != crc:
-            raise IOError(f"WAL record {seq} in {loc.segment} fails its checksum")
-        return kind, payload
+        return self._checked(seq, loc, head, payload), payload
 
     def read_view(self, seq: int) -> tuple[int, memoryview]:
         """As :meth:`read`, the payload a read-only view of the segment's mapping (the page cache's
@@ -252,11 +249,17 @@ class WAL:
                 with open(loc.segment, "rb") as f:
                     m = self._maps[loc.segment] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         record = memoryview(m)[start:end]
-        length, crc, rseq, kind = _HEADER.unpack_from(record)
         payload = record[_HEADER.size:]
-        if rseq != seq or length != loc.length or _crc(seq, kind, payload) != crc:
+        return self._checked(seq, loc, record[:_HEADER.size], payload), payload
+
+    @staticmethod
+    def _checked(seq: int, loc: _Loc, head, payload) -> int:
+        """The kind of record *seq* read from *loc* as *head* and *payload*, once its header and
+        CRC say it is that record, whole; IOError otherwise."""
+        length, crc, rseq, kind = _HEADER.unpack(head)
+        if rseq != seq or length != len(payload) or _crc(seq, kind, payload) != crc:
             raise IOError(f"WAL record {seq} in {loc.segment} fails its checksum")
-        return kind, payload
+        return kind
 
     def _unmap(self, path: Path) -> None:
         """Forget the mapping of a deleted segment (views still held keep it alive until they go)."""
