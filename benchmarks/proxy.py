@@ -42,11 +42,18 @@ proxies to its upstream in HTTP/1.1: it has no HTTP/2 upstreams). gRPC (``grpc``
 in a process of its own), direct and through two sidecars: unary 1 KB echoes, and (full run) a
 server-streaming call of 100 messages.
 
+The event loop's floor (``floor``): the same client at ``--rate`` through two bare byte pumps
+(benchmarks/_pump.py: no parsing, no routing, no telemetry) in place of the sidecars: one on the
+sidecar's own I/O layer and event loop (Trio), one on asyncio with Protocol callbacks, and one on
+uvloop when it is installed. ``floor.sidecar_above_trio_pump_vcpu_per_1000rps`` is what the
+sidecar's own per-request work costs.
+
 ``--workers``: the closed-loop maximum of one sidecar with one worker and with two
 (``workers_max_rps``; not in a ``--quick`` run).
 
 ``--quick`` takes about a minute (shorter runs, no paced HTTP/2 runs, no server streaming, no
-``--workers`` comparison: ``quick_notes``); the full run about seven.
+``--workers`` comparison, the trio pump alone for the floor: ``quick_notes``); the full run about
+seven and a half.
 
 Needs Debian's nginx (and openssl for s_time). Prints one JSON document.
 """
@@ -529,6 +536,46 @@ def _children(ppid: int) -> list[int]:
     return out
 
 
+PUMP = Path(__file__).resolve().parent / "_pump.py"
+
+
+def measure_floor(args, server_port: int, secs: float, measure, out: dict, watch: list[int]) -> dict:
+    """The event loop's floor: two bare byte pumps (benchmarks/_pump.py: no HTTP, no routing, no
+    telemetry) in place of the two sidecars, client -> pump -> pump -> server, at the main rate.
+    ``trio`` is the sidecar's own I/O layer on its own event loop; ``asyncio`` the standard
+    library's loop with Protocol callbacks; ``uvloop`` the same on libuv, when installed. What the
+    sidecar costs above the trio pump is its own per-request work."""
+    import importlib.util
+    kinds = ["trio", "asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+    floor: dict = {}
+    if args.quick:  # the sidecar's own loop only, to stay within a minute
+        kinds = ["trio"]
+        floor["asyncio"] = floor["uvloop"] = {"skipped": "--quick: the trio pump only"}
+    for kind in kinds:
+        inner, outer = _free_port(), _free_port()
+        pumps = [subprocess.Popen([sys.executable, str(PUMP), kind, str(inner), str(server_port)]),
+                 subprocess.Popen([sys.executable, str(PUMP), kind, str(outer), str(inner)])]
+        try:
+            _wait_port(inner)
+            _wait_port(outer)
+            drive(outer, "server", 500, 0.5, [])
+            key = f"pump_{kind}"
+            measure(key, outer, "server", args.rate, secs, [*watch, *(p.pid for p in pumps)])
+            r = out[key]
+            floor[kind] = {
+                "vcpu_per_1000rps": round(sum(r["cpu_s"][p.pid] for p in pumps) / 2 / r["requests"] * 1000, 3)
+                if r["requests"] else None,
+                "added_p50_ms": round(r["p50_ms"] - out["direct"]["p50_ms"], 3),
+                "added_p99_ms": round(r["p99_ms"] - out["direct"]["p99_ms"], 3),
+                "errors": r["errors"],
+            }
+        finally:
+            _stop(pumps)
+    if "uvloop" not in floor and "uvloop" not in kinds:
+        floor["uvloop"] = {"skipped": "uvloop is not installed (pip install uvloop; not a tracemesh dependency)"}
+    return floor
+
+
 def compare_workers(args, started: float, ports: dict, sidecar, sidecars: dict, measure, out: dict,
                     secs: float, watch: list[int]) -> dict:
     """``--workers``: the most one sidecar serves (closed loop, client -> sidecar inbound -> server)
@@ -686,6 +733,8 @@ def main() -> None:
             measure("sidecars_closed_loop", ports["client"][1], "server", 0, closed_seconds, watch, closed_loop=True)
             measure("sidecars_mtls_closed_loop", ports["client-mtls"][1], "server-mtls", 0, closed_seconds, watch,
                     closed_loop=True)
+            print("the event loop's floor: bare byte pumps in place of the sidecars", file=sys.stderr)
+            floor = measure_floor(args, server_port, low_seconds if args.quick else seconds, measure, out, watch)
             # 1000 req/s open loop may be more than one pair sustains on 2 shared cores: then also the
             # added latency at 80 % of the closed-loop maximum, a rate it does sustain
             main_run = out["sidecars"]
@@ -786,6 +835,10 @@ def main() -> None:
                          for k, v in out.items()},
             }
             result["workers_max_rps"] = workers_cmp
+            # what the sidecar pair costs above two bare pumps on its own event loop: its own work
+            result["floor"] = {**floor, "sidecar_above_trio_pump_vcpu_per_1000rps":
+                               round(vcpu_per_1000 - floor["trio"]["vcpu_per_1000rps"], 3)
+                               if floor["trio"].get("vcpu_per_1000rps") else None}
             result["rate_sustained"] = sustained
             if not sustained:
                 # the pair could not keep up with --rate: its added latency there is queueing
@@ -829,7 +882,7 @@ def main() -> None:
             }
             if args.quick:
                 result["quick_notes"] = ("--quick: short runs; HTTP/2 without the paced 500 req/s runs, gRPC without "
-                                         "server streaming, no --workers comparison")
+                                         "server streaming, no --workers comparison, the floor's trio pump only")
             # the sidecars print their mTLS counters at exit: a refused handshake would show there
             _stop(procs)
             result["mtls_inbound_at_exit"] = _inbound_tls_stats(tmp / "server-mtls.log")
