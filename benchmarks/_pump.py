@@ -9,7 +9,7 @@ own per-request work.
     python benchmarks/_pump.py trio|asyncio|uvloop LISTEN_PORT UPSTREAM_PORT
 
 - ``trio``: the sidecar's own I/O layer (``trio.serve_tcp``, ``trio.open_tcp_stream``, both
-  wrapped in ``tracemesh.proxy._sockio.FastStream``, two tasks a connection), on the sidecar's
+  wrapped in ``tracemesh._sockio.FastStream``, two tasks a connection), on the sidecar's
   event loop.
 - ``asyncio``: the standard library's loop with ``asyncio.Protocol`` callbacks (no coroutine per
   read), the cheapest pure-Python pump we know of.
@@ -31,7 +31,7 @@ BUFSIZE = 65536
 def run_trio(listen: int, upstream: int) -> None:
     import trio
 
-    from tracemesh.proxy._sockio import FastStream
+    from tracemesh._sockio import FastStream
 
     async def copy(src, dst) -> None:
         try:

@@ -86,7 +86,7 @@ from tracemesh.proxy._pool import CONNECT_TIMEOUT_S, PLAINTEXT, ConnectError, Se
 from tracemesh.proxy._recorder import KIND_CLIENT, KIND_SERVER
 from tracemesh.proxy._resilience import Outcome
 from tracemesh.proxy._router import Selection
-from tracemesh.proxy._sockio import FastStream
+from tracemesh._sockio import FastStream
 
 log = logging.getLogger("tracemesh.sidecar.h2")
 
@@ -301,7 +301,7 @@ class H2Conn:
         })
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        # plain TCP: no trip through the scheduler per read and write (._sockio); safe here, as
+        # plain TCP: no trip through the scheduler per read and write (tracemesh._sockio); safe here, as
         # sends are serialised by flush's lock and one task reads
         self.stream = FastStream.wrap(stream)
         self.streams: dict[int, _Stream] = {}

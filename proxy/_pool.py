@@ -18,7 +18,7 @@ import trio
 from tracemesh.identity import SpiffeId
 from tracemesh.net import Addr
 from tracemesh import _h1fast
-from tracemesh.proxy._sockio import FastStream
+from tracemesh._sockio import FastStream
 
 MAX_IDLE_PER_ENDPOINT = 64
 IDLE_TIMEOUT_S = 30.0
@@ -42,7 +42,7 @@ PLAINTEXT = Security()
 @dataclass
 class UpstreamConn:
     addr: Addr
-    stream: trio.abc.Stream  # plain TCP: a FastStream (._sockio) over a SocketStream; mTLS: an SSLStream
+    stream: trio.abc.Stream  # plain TCP: a FastStream (tracemesh._sockio) over a SocketStream; mTLS: an SSLStream
     h11: h11.Connection
     reused: bool = False
     idle_since: float = field(default_factory=time.monotonic)

@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from tracemesh.proxy._sockio import YIELD_EVERY, FastStream
+from tracemesh._sockio import YIELD_EVERY, FastStream
 
 
 async def _pair():
@@ -179,3 +179,187 @@ def test_try_send_takes_what_the_kernel_takes_and_leaves_yielding_to_send_all():
         await peer.aclose()
 
     trio.run(main)
+
+
+# -- CoarseTimer: read deadlines without a cancel scope per read ---------------------------------
+
+def _run_mock(main):
+    """*main* on a clock that jumps ahead whenever every task waits: seconds-long timeouts, at once."""
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_coarse_deadline_ends_a_blocked_read_on_time_and_the_stream_still_sends():
+    from tracemesh._sockio import COARSE_MIN_S, COARSE_TICK_S, coarse_timer
+
+    async def main():
+        fast, peer = await _pair()
+        timer = coarse_timer()
+        for timeout in (COARSE_MIN_S, 7.3, 61.0):
+            t0 = trio.current_time()
+            timer.arm(fast, timeout)
+            try:
+                with pytest.raises(trio.TooSlowError):
+                    await fast.receive_some()
+            finally:
+                timer.disarm(fast)
+            late = trio.current_time() - t0 - timeout
+            assert 0 <= late <= COARSE_TICK_S + 1e-9, late
+        await fast.send_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # the caller can still answer
+        assert await peer.receive_some() == b"HTTP/1.1 408 Request Timeout\r\n\r\n"
+        await fast.aclose()
+        await peer.aclose()
+
+    _run_mock(main)
+
+
+def test_a_read_done_in_time_is_untouched_and_a_later_read_waits_normally():
+    from tracemesh._sockio import coarse_timer
+
+    async def main():
+        fast, peer = await _pair()
+        timer = coarse_timer()
+
+        async def answer_after(seconds, data):
+            await trio.sleep(seconds)
+            await peer.send_all(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_after, 4.9, b"one")
+            timer.arm(fast, 5.0)
+            try:
+                assert await fast.receive_some() == b"one"
+            finally:
+                timer.disarm(fast)
+            # disarmed: the old deadline passes while the next read waits, with no timer on it
+            nursery.start_soon(answer_after, 30.0, b"two")
+            assert await fast.receive_some() == b"two"
+        await fast.aclose()
+        await peer.aclose()
+
+    _run_mock(main)
+
+
+def test_coarse_deadlines_fire_in_their_own_order_whatever_order_they_were_armed_in():
+    """A short deadline armed while the timer sleeps towards a longer one still fires on time."""
+    from tracemesh._sockio import COARSE_TICK_S, coarse_timer
+
+    async def main():
+        timer = coarse_timer()
+        pairs = [await _pair() for _ in range(3)]
+        fired = {}
+
+        async def read(i, timeout, delay):
+            await trio.sleep(delay)
+            t0 = trio.current_time()
+            timer.arm(pairs[i][0], timeout)
+            try:
+                await pairs[i][0].receive_some()
+            except trio.TooSlowError:
+                fired[i] = trio.current_time() - t0 - timeout
+            finally:
+                timer.disarm(pairs[i][0])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, 0, 60.0, 0)
+            nursery.start_soon(read, 1, 5.0, 1.0)
+            nursery.start_soon(read, 2, 20.0, 3.3)
+        assert sorted(fired) == [0, 1, 2]
+        assert all(0 <= late <= COARSE_TICK_S + 1e-9 for late in fired.values()), fired
+        for a, b in pairs:
+            await a.aclose()
+            await b.aclose()
+
+    _run_mock(main)
+
+
+def test_a_coarse_deadline_ends_reads_that_never_wait():
+    """The peer keeps the socket full, so no read blocks (and no wait can be woken): the deadline
+    still ends the loop, at the first read after it. (Real time: a mock clock stands still while a
+    task never waits. The timer takes short timeouts too; only callers keep to COARSE_MIN_S.)"""
+    from tracemesh._sockio import COARSE_TICK_S, coarse_timer
+
+    async def main():
+        fast, peer = await _pair()
+        timer = coarse_timer()
+
+        async def feed():
+            chunk = b"x" * 65536
+            with trio.move_on_after(10):
+                while True:
+                    await peer.send_all(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            await trio.sleep(0.05)  # the buffers fill
+            reads = 0
+            t0 = trio.current_time()
+            timer.arm(fast, 0.05)
+            try:
+                with trio.move_on_after(5) as guard, pytest.raises(trio.TooSlowError):
+                    while True:
+                        assert await fast.receive_some(1) == b"x"
+                        reads += 1
+                assert not guard.cancelled_caught, "the deadline never ended the reads"
+            finally:
+                timer.disarm(fast)
+            assert reads > 1000
+            assert trio.current_time() - t0 < 0.05 + COARSE_TICK_S + 1.0
+            nursery.cancel_scope.cancel()
+        await fast.aclose()
+        await peer.aclose()
+
+    trio.run(main)
+
+
+def test_h11_next_event_takes_the_coarse_timer_for_long_timeouts_and_a_cancel_scope_for_short_ones():
+    """A head trickled a byte a second never completes: both kinds of timeout end it at the
+    deadline for the whole event (a byte does not renew it)."""
+    import h11
+
+    from tracemesh._h11io import next_event
+    from tracemesh import _sockio
+
+    async def main():
+        for timeout in (2.0, 6.0):
+            fast, peer = await _pair()
+            conn = h11.Connection(h11.SERVER)
+
+            async def trickle():
+                with trio.move_on_after(30):
+                    await peer.send_all(b"GET / HTTP/1.1\r\n")
+                    while True:
+                        await trio.sleep(1.0)
+                        await peer.send_all(b"X")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                t0 = trio.current_time()
+                with pytest.raises(trio.TooSlowError):
+                    await next_event(conn, fast, timeout)
+                assert timeout <= trio.current_time() - t0 <= timeout + _sockio.COARSE_TICK_S + 1e-9
+                nursery.cancel_scope.cancel()
+            assert fast not in _sockio.coarse_timer()._armed  # disarmed either way
+            await fast.aclose()
+            await peer.aclose()
+
+    _run_mock(main)
+
+
+def test_the_coarse_timer_task_sleeps_when_nothing_is_armed():
+    from tracemesh._sockio import coarse_timer
+
+    async def main():
+        fast, peer = await _pair()
+        timer = coarse_timer()
+        timer.arm(fast, 10.0)
+        timer.disarm(fast)
+        await trio.sleep(5)
+        assert timer._idle  # waiting for an arm, not ticking
+        timer.arm(fast, 10.0)  # and an arm wakes it
+        with pytest.raises(trio.TooSlowError):
+            await fast.receive_some()
+        timer.disarm(fast)
+        await fast.aclose()
+        await peer.aclose()
+
+    _run_mock(main)

@@ -17,6 +17,15 @@ Trio's guarantees are kept where they matter:
 - errors: as ``trio.SocketStream``'s (``ClosedResourceError`` once closed, else
   ``BrokenResourceError`` from the ``OSError``).
 
+Read deadlines without a cancel scope (:class:`CoarseTimer`): a Trio cancel scope costs ~6 µs to
+enter and leave even when nothing is cancelled (more in a busy process), and the HTTP/1.1 path
+needs two per request on each side (the next request's head, the response's head), ~9 % of a
+sidecar's CPU at 1,000 req/s. Deadlines of at least :data:`COARSE_MIN_S` (the sidecar's own header,
+idle and default route timeouts: seconds long, where a tenth of a second of lateness does not
+matter) are kept instead by one timer task per Trio run that wakes a timed-out read with
+``trio.lowlevel.notify_closing``; the read raises ``trio.TooSlowError``, as a deadline's cancel
+scope would have made it. Arming and disarming are a dict write and a dict delete.
+
 Everything else (``send_eof``, ``aclose``, ``wait_send_all_might_not_block``, ``socket``) is the
 wrapped stream's. TLS connections (``trio.SSLStream``) are not wrapped. Unlike trio's, two tasks
 sending at once are caught only when both wait (``trio.BusyResourceError``): the HTTP/1.1 path
@@ -30,6 +39,11 @@ import errno
 
 import trio
 from trio.lowlevel import checkpoint, checkpoint_if_cancelled, wait_readable, wait_writable
+
+#: Timeouts at least this long may be kept by the CoarseTimer (shorter ones need a cancel scope).
+COARSE_MIN_S = 5.0
+#: The most a CoarseTimer deadline fires late.
+COARSE_TICK_S = 0.1
 
 #: Operations in a row that completed without waiting, after which one yields to the scheduler.
 YIELD_EVERY = 16
@@ -49,13 +63,14 @@ class FastStream(trio.abc.HalfCloseableStream):
     """*stream*, a ``trio.SocketStream``, with ``send_all`` and ``receive_some`` that do not yield
     when the kernel does not make them wait (see the module's docstring)."""
 
-    __slots__ = ("_stream", "socket", "_sock", "_streak")
+    __slots__ = ("_stream", "socket", "_sock", "_streak", "_expired")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self.socket = stream.socket
         self._sock = stream.socket._sock  # the stdlib socket (non-blocking) under trio's
         self._streak = 0
+        self._expired = False  # a CoarseTimer deadline passed while armed
 
     @classmethod
     def wrap(cls, stream):
@@ -71,6 +86,8 @@ class FastStream(trio.abc.HalfCloseableStream):
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         await checkpoint_if_cancelled()
+        if self._expired:
+            raise trio.TooSlowError
         sock = self._sock
         try:
             data = sock.recv(max_bytes)
@@ -89,6 +106,8 @@ class FastStream(trio.abc.HalfCloseableStream):
             try:
                 await wait_readable(sock)
             except trio.ClosedResourceError:
+                if self._expired:  # woken by the CoarseTimer
+                    raise trio.TooSlowError from None
                 raise trio.ClosedResourceError("this socket was closed") from None
             try:
                 return sock.recv(max_bytes)
@@ -163,3 +182,71 @@ class FastStream(trio.abc.HalfCloseableStream):
 
     def getsockopt(self, *args):
         return self._stream.getsockopt(*args)
+
+
+class CoarseTimer:
+    """Read deadlines for FastStreams, kept by one task instead of a cancel scope per read (see the
+    module's docstring). ``arm(stream, timeout)`` before reading, ``disarm(stream)`` after, in a
+    ``finally``; in between, a read past the deadline raises ``trio.TooSlowError``, at most
+    :data:`COARSE_TICK_S` late. Only for timeouts of at least :data:`COARSE_MIN_S`, and only for
+    streams that one task uses at a time (the timer wakes every waiter on the socket). A read
+    timed out this way leaves the stream unusable for reading, as a cancelled read does: the
+    caller answers (a send still works) and closes it."""
+
+    __slots__ = ("_armed", "_earliest", "_wake", "_idle")
+
+    def __init__(self) -> None:
+        self._armed: dict[FastStream, float] = {}
+        self._earliest = float("inf")  # no later than the earliest armed deadline (may be stale: earlier)
+        self._wake: trio.Event | None = None  # set while the task waits for something to be armed
+        self._idle = False
+
+    def arm(self, stream: FastStream, timeout: float) -> None:
+        deadline = trio.current_time() + timeout
+        self._armed[stream] = deadline
+        if deadline < self._earliest:
+            self._earliest = deadline
+        if self._idle:
+            self._idle = False
+            self._wake.set()
+
+    def disarm(self, stream: FastStream) -> None:
+        self._armed.pop(stream, None)
+        stream._expired = False
+
+    async def run(self) -> None:
+        armed = self._armed
+        while True:
+            if not armed:
+                self._earliest = float("inf")
+                self._wake, self._idle = trio.Event(), True
+                await self._wake.wait()
+            now = trio.current_time()
+            if now >= self._earliest:
+                earliest = float("inf")
+                for stream, deadline in list(armed.items()):
+                    if deadline <= now:
+                        del armed[stream]
+                        stream._expired = True
+                        if stream._sock.fileno() != -1:
+                            trio.lowlevel.notify_closing(stream._sock)
+                    elif deadline < earliest:
+                        earliest = deadline
+                self._earliest = earliest
+            # A deadline armed while this sleeps is at least COARSE_MIN_S away, so sleeping at most
+            # half of that never oversleeps one by more than a tick.
+            await trio.sleep(max(COARSE_TICK_S, min(self._earliest - now, COARSE_MIN_S / 2)))
+
+
+_TIMER: trio.lowlevel.RunVar = trio.lowlevel.RunVar("tracemesh_coarse_timer")
+
+
+def coarse_timer() -> CoarseTimer:
+    """This Trio run's CoarseTimer, its task started (a system task) on first use."""
+    try:
+        return _TIMER.get()
+    except LookupError:
+        timer = CoarseTimer()
+        _TIMER.set(timer)
+        trio.lowlevel.spawn_system_task(timer.run, name="tracemesh coarse read timer")
+        return timer
