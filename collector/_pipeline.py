@@ -140,6 +140,7 @@ class Pipeline:
         self._checkpoint = str(wal.dir / CHECKPOINT)
         self._cond = threading.Condition()
         self._pending: dict[int, _Entry] = {}
+        self._pending_rows = 0  # the sum of _pending's rows, kept as it changes (read by every stats poll)
         self._memory_rows = 0
         self._closing = False
         self._give_up_at = float("inf")
@@ -171,6 +172,7 @@ class Pipeline:
         for s in seqs:
             loc_rows = _RECOVERED_ROWS_GUESS
             self._pending[s] = _Entry(s, None, loc_rows, loc_rows)
+            self._pending_rows += loc_rows
         self.stats.recovered_records = self.stats.spooled_records = len(seqs)
         if seqs:
             log.info("write-ahead log holds %d records not known to be stored: storing them again "
@@ -181,8 +183,9 @@ class Pipeline:
 
     @property
     def queued_rows(self) -> int:
-        with self._cond:  # the writer and the receivers change _pending meanwhile
-            return sum(e.rows for e in self._pending.values())
+        # a counter, not a sum over _pending under the lock the receivers need: under overload
+        # thousands of records wait, and /api/stats and /metrics are polled
+        return self._pending_rows
 
     def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0) -> int | None:
         """Make one export durable and queue its rows; return its sequence number (None when the
@@ -201,6 +204,7 @@ class Pipeline:
             with self._cond:
                 spool = self._memory_rows + rows > self._max_memory
                 self._pending[seq] = _Entry(seq, None if spool else batches, rows, w, _light(batches) if spool else None)
+                self._pending_rows += rows
                 if spool:
                     self.stats.spooled_records += 1
                 else:
@@ -321,6 +325,7 @@ class Pipeline:
                 self._forced = None
                 for e in run:
                     del self._pending[e.seq]
+                    self._pending_rows -= e.rows
                     if e.batches is not None:
                         self._memory_rows -= e.rows
                     else:

@@ -85,6 +85,7 @@ def test_exports_are_stored_in_few_batched_inserts(store, otlp, tmp_path):
         tids = [os.urandom(16) for _ in range(20)]
         seqs = [submit(p, otlp, t, 10) for t in tids]
         assert seqs == list(range(seqs[0], seqs[0] + 20))
+        assert p.queued_rows == 200  # all acknowledged, none stored (a counter kept as records come and go)
         storage.gate.set()
         assert p.wait_stored(seqs[-1], WAIT_S)
         assert count(store, tids) == {t.hex(): 10 for t in tids}
