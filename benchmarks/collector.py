@@ -7,7 +7,10 @@ attributes, one event. The run ends when the target count is stored. The collect
 already encoded, inserted straight into the same table in a fresh chdb: the cost of storage alone,
 the ceiling for a collector. It is measured from Arrow (ArrowStream, what the Python encoder hands
 over) and from ClickHouse's Native format (what the C encoder hands over; built with it, so only when
-it is built), each in its own process; the cheaper one is the baseline.
+it is built), each in its own process; the cheaper one is the baseline. It is measured again
+after the collector's run, in the cheaper format, and the baseline is the mean of the two: this
+machine's speed drifts by more than 10 % within minutes, and a baseline taken on one side of the
+collector's run only moved the ratio with it (``raw_insert.before``, ``.after``).
 
     python benchmarks/collector.py [--quick] [--spans N] [--senders N]
 
@@ -301,25 +304,38 @@ def _have_c_encoder() -> bool:
     return True
 
 
-def measure_raw_insert(payloads: list[bytes], n_exports: int, workdir: Path) -> dict:
+def measure_raw_insert(payloads: list[bytes], n_exports: int, workdir: Path, formats: tuple[str, ...] | None = None,
+                       tag: str = "") -> dict:
     """The same rows inserted straight into chdb, from ArrowStream and (with the C encoder built)
-    from Native, each in a fresh store and process; the cheaper one is the baseline."""
+    from Native (or only *formats*), each in a fresh store and process; the cheaper one is the
+    baseline."""
     files = []
     for i, p in enumerate(payloads):
         f = workdir / f"req{i}.pb"
         f.write_bytes(p)
         files.append(str(f))
     out = {}
-    for fmt in ("ArrowStream", "Native") if _have_c_encoder() else ("ArrowStream",):
-        r = subprocess.run([sys.executable, "-c", _RAW, str(workdir / f"raw-{fmt}"), fmt, str(n_exports), *files],
+    if formats is None:
+        formats = ("ArrowStream", "Native") if _have_c_encoder() else ("ArrowStream",)
+    for fmt in formats:
+        r = subprocess.run([sys.executable, "-c", _RAW, str(workdir / f"raw-{fmt}{tag}"), fmt, str(n_exports), *files],
                            capture_output=True, text=True, check=True)
         m = json.loads(r.stdout.strip().splitlines()[-1])
         out[fmt] = {"rows": m["rows"], "cpu_s": round(m["cpu_s"], 2), "rows_per_cpu_s": round(m["rows"] / m["cpu_s"]),
                     "rows_per_cpu_s_with_merges": round(m["rows"] / m["cpu_s_with_merges"]),
                     "merge_cpu_s": round(m["merge_cpu_s"], 2),
                     "rows_per_cpu_s_without_merges": round(m["rows"] / max(m["cpu_s"] - m["merge_cpu_s"], 1e-9))}
-    best = max(out.values(), key=lambda m: m["rows_per_cpu_s"])
-    return {**best, "from": out}
+    fmt = max(out, key=lambda f: out[f]["rows_per_cpu_s"])
+    return {**out[fmt], "format": fmt, "from": out}
+
+
+def _bracketed(before: dict, after: dict) -> dict:
+    """The baseline from the runs before and after the collector's (same format): the mean of
+    their rates (and of their other rates), each kept beside it."""
+    mean = {k: round((before[k] + after[k]) / 2) for k in
+            ("rows_per_cpu_s", "rows_per_cpu_s_with_merges", "rows_per_cpu_s_without_merges")}
+    return {**before, **mean, "before": before["rows_per_cpu_s"], "after": after["rows_per_cpu_s"],
+            "spread": round(abs(before["rows_per_cpu_s"] - after["rows_per_cpu_s"]) / mean["rows_per_cpu_s"], 3)}
 
 
 def main() -> None:
@@ -338,6 +354,9 @@ def main() -> None:
         raw = measure_raw_insert(payloads, n_exports, tmp)
         print(f"collector: {n_exports} exports over gRPC until stored", file=sys.stderr)
         ours = measure_collector(payloads, n_exports, args.senders, tmp)
+        print(f"baseline again ({raw['format']}), after the collector's run", file=sys.stderr)
+        after = measure_raw_insert(payloads, n_exports, tmp, formats=(raw["format"],), tag="-after")
+        raw = {**_bracketed(raw, after), "from": raw["from"]}
     result = {
         "benchmark": "collector", "quick": args.quick, "cpus": os.cpu_count(),
         "spans_per_cpu_s": ours["spans_per_cpu_s"],
