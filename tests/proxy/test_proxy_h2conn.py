@@ -9,20 +9,10 @@ import h2.connection
 import h2.events
 import pytest
 import trio
-import trio.testing
+from trio_helpers import run_on_mock_clock, tcp_pair
 
 from tracemesh._sockio import FastStream
 from tracemesh.proxy._http2 import H2Conn, _FailAt, _Stream
-
-
-async def _tcp_pair():
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
-    sock, _ = await listener.accept()
-    listener.close()
-    return client, trio.SocketStream(sock)
 
 
 def test_concurrent_flushes_of_large_frames_never_interleave():
@@ -32,7 +22,7 @@ def test_concurrent_flushes_of_large_frames_never_interleave():
     payload = {sid: bytes([sid % 251]) * (1 << 20) for sid in range(1, 17, 2)}
 
     async def main():
-        client, server = await _tcp_pair()
+        client, server = await tcp_pair()
         for s in (client, server):
             s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 16384)
             s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 16384)
@@ -89,13 +79,9 @@ def test_concurrent_flushes_of_large_frames_never_interleave():
     trio.run(main)
 
 
-def _run_mock(main):
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
 def test_stream_next_waits_with_or_without_a_timeout():
     async def main():
-        client, server = await _tcp_pair()
+        client, server = await tcp_pair()
         s = _Stream(H2Conn(client, client_side=True), 1)
         s.put(("data", b"a", 1))
         assert await s.next(5.0) == ("data", b"a", 1)  # already here: returned, no timer
@@ -116,7 +102,7 @@ def test_stream_next_waits_with_or_without_a_timeout():
         await client.aclose()
         await server.aclose()
 
-    _run_mock(main)
+    run_on_mock_clock(main)
 
 
 def test_fail_at_as_trio_s_without_a_scope_for_no_deadline():
@@ -139,4 +125,4 @@ def test_fail_at_as_trio_s_without_a_scope_for_no_deadline():
                 await trio.sleep(100)
         assert outer.cancelled_caught  # the outer scope's cancellation is not turned into TooSlowError
 
-    _run_mock(main)
+    run_on_mock_clock(main)

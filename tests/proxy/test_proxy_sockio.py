@@ -6,19 +6,15 @@ import socket
 import pytest
 import trio
 import trio.testing
+from trio_helpers import run_on_mock_clock, tcp_pair
 
 from tracemesh._sockio import YIELD_EVERY, FastStream
 
 
 async def _pair():
     """A connected (FastStream, trio.SocketStream) pair over loopback TCP."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
-    sock, _ = await listener.accept()
-    listener.close()
-    return FastStream(client), trio.SocketStream(sock)
+    client, server = await tcp_pair()
+    return FastStream(client), server
 
 
 def test_wrap_only_plain_socket_streams():
@@ -183,11 +179,6 @@ def test_try_send_takes_what_the_kernel_takes_and_leaves_yielding_to_send_all():
 
 # -- CoarseTimer: read deadlines without a cancel scope per read ---------------------------------
 
-def _run_mock(main):
-    """*main* on a clock that jumps ahead whenever every task waits: seconds-long timeouts, at once."""
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
 def test_a_coarse_deadline_ends_a_blocked_read_on_time_and_the_stream_still_sends():
     from tracemesh._sockio import COARSE_MIN_S, COARSE_TICK_S, coarse_timer
 
@@ -209,7 +200,7 @@ def test_a_coarse_deadline_ends_a_blocked_read_on_time_and_the_stream_still_send
         await fast.aclose()
         await peer.aclose()
 
-    _run_mock(main)
+    run_on_mock_clock(main)
 
 
 def test_a_read_done_in_time_is_untouched_and_a_later_read_waits_normally():
@@ -236,7 +227,7 @@ def test_a_read_done_in_time_is_untouched_and_a_later_read_waits_normally():
         await fast.aclose()
         await peer.aclose()
 
-    _run_mock(main)
+    run_on_mock_clock(main)
 
 
 def test_coarse_deadlines_fire_in_their_own_order_whatever_order_they_were_armed_in():
@@ -269,7 +260,7 @@ def test_coarse_deadlines_fire_in_their_own_order_whatever_order_they_were_armed
             await a.aclose()
             await b.aclose()
 
-    _run_mock(main)
+    run_on_mock_clock(main)
 
 
 def test_a_coarse_deadline_ends_reads_that_never_wait():
@@ -342,7 +333,7 @@ def test_h11_next_event_takes_the_coarse_timer_for_long_timeouts_and_a_cancel_sc
             await fast.aclose()
             await peer.aclose()
 
-    _run_mock(main)
+    run_on_mock_clock(main)
 
 
 def test_the_coarse_timer_task_sleeps_when_nothing_is_armed():
@@ -362,4 +353,4 @@ def test_the_coarse_timer_task_sleeps_when_nothing_is_armed():
         await fast.aclose()
         await peer.aclose()
 
-    _run_mock(main)
+    run_on_mock_clock(main)
