@@ -468,6 +468,11 @@ class H2Conn:
                     wait_until = trio.current_time() + idle_timeout
                 else:
                     wait_until = math.inf
+                if wait_until == math.inf:  # an upstream connection, settled: no timer on its reads
+                    data = await self.stream.receive_some(READ_CHUNK)
+                    if not data or not await self.receive(data):
+                        return
+                    continue
                 with trio.move_on_at(wait_until):
                     data = await self.stream.receive_some(READ_CHUNK)
                     if not data or not await self.receive(data):
