@@ -354,3 +354,40 @@ def test_the_coarse_timer_task_sleeps_when_nothing_is_armed():
         await peer.aclose()
 
     run_on_mock_clock(main)
+
+
+def test_an_upstream_response_head_waits_on_the_coarse_timer_when_long_and_a_scope_when_short():
+    """read_response_head: a deadline 5 s or more away is the CoarseTimer's (armed while it
+    waits), a nearer one a cancel scope's (nothing armed); either ends the wait on time with
+    TooSlowError, which the sidecar turns into 504 UT."""
+    import h11
+
+    from tracemesh import _h1fast, _sockio
+    from tracemesh.net import Addr
+    from tracemesh.proxy._http1 import MAX_HEADER_BYTES, read_response_head
+    from tracemesh.proxy._pool import UpstreamConn
+
+    async def main():
+        for left, coarse in ((15.0, True), (_sockio.COARSE_MIN_S - 0.5, False)):
+            client, server = await tcp_pair()
+            uc = UpstreamConn(Addr("127.0.0.1", 1), FastStream(client), _h1fast.connection(h11.CLIENT, MAX_HEADER_BYTES))
+            await uc.stream.send_all(uc.h11.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+                                     + uc.h11.send(h11.EndOfMessage()))
+            armed = []
+
+            async def look():
+                await trio.sleep(1.0)
+                armed.append(uc.stream in _sockio.coarse_timer()._armed)
+
+            t0 = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(look)
+                with pytest.raises(trio.TooSlowError):
+                    await read_response_head(uc, t0 + left)
+            assert left <= trio.current_time() - t0 <= left + _sockio.COARSE_TICK_S + 1e-9
+            assert armed == [coarse]
+            assert uc.stream not in _sockio.coarse_timer()._armed
+            await client.aclose()
+            await server.aclose()
+
+    run_on_mock_clock(main)
