@@ -304,16 +304,21 @@ def _have_c_encoder() -> bool:
     return True
 
 
-def measure_raw_insert(payloads: list[bytes], n_exports: int, workdir: Path, formats: tuple[str, ...] | None = None,
-                       tag: str = "") -> dict:
-    """The same rows inserted straight into chdb, from ArrowStream and (with the C encoder built)
-    from Native (or only *formats*), each in a fresh store and process; the cheaper one is the
-    baseline."""
+def write_payloads(payloads: list[bytes], workdir: Path) -> list[str]:
+    """The requests as files, for the raw-insert processes to read."""
     files = []
     for i, p in enumerate(payloads):
         f = workdir / f"req{i}.pb"
         f.write_bytes(p)
         files.append(str(f))
+    return files
+
+
+def measure_raw_insert(files: list[str], n_exports: int, workdir: Path, formats: tuple[str, ...] | None = None,
+                       tag: str = "") -> dict:
+    """The same rows (the requests in *files*) inserted straight into chdb, from ArrowStream and
+    (with the C encoder built) from Native (or only *formats*), each in a fresh store and process;
+    the cheaper one is the baseline."""
     out = {}
     if formats is None:
         formats = ("ArrowStream", "Native") if _have_c_encoder() else ("ArrowStream",)
@@ -351,12 +356,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tracemesh-bench-") as tmp:
         tmp = Path(tmp)
         print("baseline: raw chdb insert of the same rows", file=sys.stderr)
-        raw = measure_raw_insert(payloads, n_exports, tmp)
+        files = write_payloads(payloads, tmp)
+        raw = measure_raw_insert(files, n_exports, tmp)
         print(f"collector: {n_exports} exports over gRPC until stored", file=sys.stderr)
         ours = measure_collector(payloads, n_exports, args.senders, tmp)
         print(f"baseline again ({raw['format']}), after the collector's run", file=sys.stderr)
-        after = measure_raw_insert(payloads, n_exports, tmp, formats=(raw["format"],), tag="-after")
-        raw = {**_bracketed(raw, after), "from": raw["from"]}
+        after = measure_raw_insert(files, n_exports, tmp, formats=(raw["format"],), tag="-after")
+        raw = _bracketed(raw, after)
     result = {
         "benchmark": "collector", "quick": args.quick, "cpus": os.cpu_count(),
         "spans_per_cpu_s": ours["spans_per_cpu_s"],

@@ -546,11 +546,15 @@ def measure_floor(args, server_port: int, secs: float, measure, out: dict, watch
     library's loop with Protocol callbacks; ``uvloop`` the same on libuv, when installed. What the
     sidecar costs above the trio pump is its own per-request work."""
     import importlib.util
-    kinds = ["trio", "asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
     floor: dict = {}
     if args.quick:  # the sidecar's own loop only, to stay within a minute
         kinds = ["trio"]
         floor["asyncio"] = floor["uvloop"] = {"skipped": "--quick: the trio pump only"}
+    elif importlib.util.find_spec("uvloop"):
+        kinds = ["trio", "asyncio", "uvloop"]
+    else:
+        kinds = ["trio", "asyncio"]
+        floor["uvloop"] = {"skipped": "uvloop is not installed (pip install uvloop; not a tracemesh dependency)"}
     for kind in kinds:
         inner, outer = _free_port(), _free_port()
         pumps = [subprocess.Popen([sys.executable, str(PUMP), kind, str(inner), str(server_port)]),
@@ -571,8 +575,6 @@ def measure_floor(args, server_port: int, secs: float, measure, out: dict, watch
             }
         finally:
             _stop(pumps)
-    if "uvloop" not in floor and "uvloop" not in kinds:
-        floor["uvloop"] = {"skipped": "uvloop is not installed (pip install uvloop; not a tracemesh dependency)"}
     return floor
 
 

@@ -85,7 +85,7 @@ from tracemesh.proxy._recorder import (
 )
 from tracemesh.proxy._resilience import Outcome, RetryPolicy
 from tracemesh.proxy._router import NoHealthyUpstream, NoRoute, Router, Selection, ServiceState
-from tracemesh._sockio import COARSE_MIN_S, FastStream, coarse_timer
+from tracemesh._sockio import FastStream
 from tracemesh.proxy._tcp import RawEnd, TcpProxy, is_tcp_alpn, splice
 from tracemesh.proxy._accesslog import AccessEntry
 from tracemesh.proxy._tracecontext import (
@@ -389,29 +389,8 @@ async def read_response_head(uc: UpstreamConn, deadline: float):
     u = uc.h11
     while True:
         try:
-            ev = u.next_event()
-            if ev is h11.NEED_DATA:
-                left = min(deadline - trio.current_time(), ROUTE_TIMEOUT_S + 3600)
-                stream = uc.stream
-                if left >= COARSE_MIN_S and type(stream) is FastStream:
-                    # no cancel scope: the run's CoarseTimer raises TooSlowError in the read
-                    timer = coarse_timer()
-                    timer.arm(stream, left)
-                    try:
-                        while ev is h11.NEED_DATA:
-                            u.receive_data(await stream.receive_some(READ_CHUNK))
-                            ev = u.next_event()
-                    finally:
-                        timer.disarm(stream)
-                else:
-                    # one bare cancel scope (not trio.fail_at's context manager around one)
-                    scope = trio.CancelScope(deadline=trio.current_time() + left)
-                    with scope:
-                        while ev is h11.NEED_DATA:
-                            u.receive_data(await stream.receive_some(READ_CHUNK))
-                            ev = u.next_event()
-                    if scope.cancelled_caught:
-                        raise trio.TooSlowError
+            # the shared reader: no timer when the head is here, the CoarseTimer for a far deadline, else a scope
+            ev = await _next_event(u, uc.stream, min(deadline - trio.current_time(), ROUTE_TIMEOUT_S + 3600))
         except h11.RemoteProtocolError as exc:
             data, closed = u.trailing_data
             if closed and data[:5] == b"HTTP/"[:len(data)]:  # the peer closed before or inside a response head

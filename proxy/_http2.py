@@ -60,6 +60,7 @@ connection other streams share.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -206,6 +207,9 @@ class _Gone(Exception):
         self.code = code
 
 
+_NO_SCOPE = contextlib.nullcontext()
+
+
 class _FailAt:
     """``trio.fail_at(deadline)`` as a class (no generator per use), and no cancel scope at all
     for an infinite deadline: both run for every stream."""
@@ -268,14 +272,11 @@ class _Stream:
 
     async def next(self, timeout: float = math.inf) -> tuple:
         """The next item; TooSlowError after *timeout*; _Gone for a reset."""
-        if timeout == math.inf or (timeout > 0 and self.has_next()):
-            item = await self._rx.receive()  # no timer needed (a cancel scope costs ~5 µs)
+        if timeout > 0 and self.has_next():
+            item = await self._rx.receive()  # already here: no timer needed (a cancel scope costs ~5 µs)
         else:
-            scope = trio.CancelScope(deadline=trio.current_time() + timeout)
-            with scope:
+            with _FailAt(trio.current_time() + timeout):  # no scope for no timeout
                 item = await self._rx.receive()
-            if scope.cancelled_caught:
-                raise trio.TooSlowError
         if item[0] == "reset":
             raise _Gone(item[1])
         return item
@@ -335,6 +336,7 @@ class H2Conn:
         # plain TCP: no trip through the scheduler per read and write (tracemesh._sockio); safe here, as
         # sends are serialised by flush's lock and one task reads
         self.stream = FastStream.wrap(stream)
+        self._try_send = getattr(self.stream, "try_send", None)  # plain TCP only: flush's fast path
         self.streams: dict[int, _Stream] = {}
         self._lock = trio.StrictFIFOLock()
         self._window = trio.Event()
@@ -352,7 +354,7 @@ class H2Conn:
         """Send what h2 has queued. Serialised (the bytes of frames must not interleave) and
         shielded, bounded by BODY_IDLE_TIMEOUT_S; _Gone when the connection is broken."""
         lock = self._lock
-        try_send = getattr(self.stream, "try_send", None)
+        try_send = self._try_send
         if try_send is not None and not lock.locked() and self.dead is None:
             # Plain TCP and nobody sending: what the kernel takes at once goes without the lock,
             # the timer or a trip through the scheduler (no await between taking the bytes and
@@ -468,12 +470,8 @@ class H2Conn:
                     wait_until = trio.current_time() + idle_timeout
                 else:
                     wait_until = math.inf
-                if wait_until == math.inf:  # an upstream connection, settled: no timer on its reads
-                    data = await self.stream.receive_some(READ_CHUNK)
-                    if not data or not await self.receive(data):
-                        return
-                    continue
-                with trio.move_on_at(wait_until):
+                # an upstream connection, settled, has no deadline: no cancel scope on its reads
+                with trio.move_on_at(wait_until) if wait_until != math.inf else _NO_SCOPE:
                     data = await self.stream.receive_some(READ_CHUNK)
                     if not data or not await self.receive(data):
                         return
