@@ -390,7 +390,6 @@ class OTLPExporter:
         self.client = client if client is not None else OtlpClient(collector)
         self._own_client = client is None
         self.encoder = self.make_encoder()
-        self._encoded: tuple[list, bytes] | None = None  # (batch, its bytes) while it is retried
         self._warned_at = 0.0
 
     def make_encoder(self):
@@ -400,35 +399,39 @@ class OTLPExporter:
         return self.encoder.encode(batch)
 
     async def encode_sliced(self, batch: list) -> bytes:
-        """:meth:`encode`, a slice at a time, with a checkpoint between slices."""
+        """:meth:`encode`, a slice at a time, with a checkpoint between slices. *batch* is emptied
+        as it is encoded: its records are freed a slice at a time too (freeing a thousand records
+        at once, after the export, held the event loop for about a millisecond)."""
         enc = self.encoder
         if len(batch) <= ENCODE_SLICE:
-            return enc.encode(batch)
+            payload = enc.encode(batch)
+            batch.clear()
+            return payload
         pieces: list[bytes] = []
-        for i in range(0, len(batch), ENCODE_SLICE):
-            if i:
-                await trio.lowlevel.checkpoint()
-            enc.add(pieces, batch[i:i + ENCODE_SLICE])
+        while batch:
+            enc.add(pieces, batch[:ENCODE_SLICE])
+            del batch[:ENCODE_SLICE]
+            await trio.lowlevel.checkpoint()
         return enc.request(pieces)
 
-    async def _export_batch(self, batch: list[SpanRecord], timeout: float = EXPORT_TIMEOUT_S) -> bool:
-        encoded = self._encoded
-        if encoded is not None and encoded[0] is batch:
-            payload = encoded[1]
-        else:
-            payload = await self.encode_sliced(batch)
+    async def _encode_batch(self, batch: list) -> tuple[bytes, int]:
+        """A batch taken from the queue as (its request's bytes, its record count), ready to send
+        and to send again: a retry keeps the bytes, not the records."""
+        n = len(batch)
+        return await self.encode_sliced(batch), n
+
+    async def _export(self, encoded: tuple[bytes, int], timeout: float = EXPORT_TIMEOUT_S) -> bool:
+        payload, n = encoded
         try:
             await self.client.call(self.export_path, payload, timeout)
         except ExportError as exc:
-            self._encoded = (batch, payload)
             self.recorder.stats.export_failures += 1
             now = time.monotonic()
             if now - self._warned_at > 10:  # one line per 10 s, not one per batch, while the collector is away
                 self._warned_at = now
                 log.warning("%s export to %s failed: %s %s", self.what, self.target, exc.code, exc.details)
             return False
-        self._encoded = None
-        self.recorder.stats.exported += len(batch)
+        self.recorder.stats.exported += n
         return True
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -439,7 +442,7 @@ class OTLPExporter:
         collector: a fifth of the sidecar's busy CPU). A failing batch is retried with backoff,
         then dropped (counted)."""
         task_status.started()
-        pending: list[SpanRecord] = []
+        pending: tuple[bytes, int] | None = None  # an encoded batch, until it is sent or dropped
         attempts = 0
         try:
             while True:
@@ -447,12 +450,13 @@ class OTLPExporter:
                     await self.recorder.wakeup.wait()
                 self.recorder.wakeup = trio.Event()
                 while True:
-                    if not pending:
-                        pending, attempts = self.recorder.take(), 0
-                    if not pending:
-                        break
-                    if await self._export_batch(pending):
-                        pending = []
+                    if pending is None:
+                        batch = self.recorder.take()
+                        if not batch:
+                            break
+                        pending, attempts = await self._encode_batch(batch), 0
+                    if await self._export(pending):
+                        pending = None
                         if len(self.recorder) < MAX_BATCH:
                             # a partial batch waits for the interval, or for a full batch's wake-up
                             # (not for one that came during this export: that batch has gone)
@@ -461,24 +465,26 @@ class OTLPExporter:
                         continue
                     attempts += 1
                     if attempts >= MAX_ATTEMPTS:
-                        self.recorder.stats.export_dropped += len(pending)
-                        pending, self._encoded = [], None
+                        self.recorder.stats.export_dropped += pending[1]
+                        pending = None
                     await trio.sleep(min(0.25 * 2 ** attempts, 5.0))
                     break
         finally:
-            self.recorder.stats.export_dropped += len(pending)  # cancelled while a batch waited for a retry
+            if pending is not None:  # cancelled while a batch waited for a retry
+                self.recorder.stats.export_dropped += pending[1]
 
     async def flush(self, deadline_s: float = 3.0) -> None:
         """Send what is queued, for at most *deadline_s* (shielded: runs during shutdown).
         What it cannot send is counted as dropped."""
-        batch: list[SpanRecord] = []
+        unsent = 0
         with trio.CancelScope(shield=True), trio.move_on_after(deadline_s):
             while len(self.recorder):
                 batch = self.recorder.take()
-                if not await self._export_batch(batch, timeout=deadline_s):
+                unsent = len(batch)
+                if not await self._export(await self._encode_batch(batch), timeout=deadline_s):
                     break
-                batch = []
-        self.recorder.stats.export_dropped += len(batch) + len(self.recorder)
+                unsent = 0
+        self.recorder.stats.export_dropped += unsent + len(self.recorder)
 
     def close(self) -> None:
         if self._own_client:

@@ -101,7 +101,7 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     log record (:attr:`logs`). *handlers* are served beside them on the same port, as the collector
     serves the mesh CA's bootstrap door beside OTLP."""
 
-    def __init__(self, handlers: tuple = ()) -> None:
+    def __init__(self, handlers: tuple = (), port: int = 0) -> None:
         self.spans: list[RecvSpan] = []
         self.logs: list[RecvLog] = []
         self.requests = 0
@@ -111,7 +111,7 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), self.server)
         if handlers:
             self.server.add_generic_rpc_handlers(tuple(handlers))
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.addr = Addr("127.0.0.1", port)
         self.server.start()
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sidecar_harness import any_value
+from sidecar_harness import OTLPReceiver, any_value
 from tracemesh.net import free_port
 from tracemesh.proxy._recorder import (
-    KIND_CLIENT, KIND_SERVER, MAX_BATCH, SCOPE_NAME, STATUS_ERROR, STATUS_UNSET, OTLPExporter, SpanRecord,
+    ENCODE_SLICE, KIND_CLIENT, KIND_SERVER, MAX_BATCH, SCOPE_NAME, STATUS_ERROR, STATUS_UNSET, OTLPExporter, SpanRecord,
     SpanRecorder, encode_request,
 )
 
@@ -195,6 +195,52 @@ def test_cancelled_exporter_counts_the_batch_it_held():
         exporter.close()
     assert len(recorder) == 0 and recorder.stats.exported == 0
     assert recorder.stats.export_dropped == 2
+
+
+def test_sliced_encoding_frees_the_records_and_writes_what_encode_writes():
+    exporter = OTLPExporter(SpanRecorder(), f"127.0.0.1:{free_port()}", {"service.name": "s"}, "0")
+    batch = [_span(i, attributes={"i": i, "route": "r"}) for i in range(3 * ENCODE_SLICE + 5)]
+    whole = exporter.encode(list(batch))
+    assert trio.run(exporter.encode_sliced, batch) == whole
+    assert batch == []  # freed as it was encoded, not after the export
+    exporter.close()
+
+
+def test_a_batch_that_failed_is_sent_later_from_its_bytes_once():
+    """The collector is away for the first attempts: the batch (several encoding slices) waits as
+    its encoded bytes, whose records are already freed, and arrives whole, once, when it is back."""
+    port = free_port()
+    recorder = SpanRecorder()
+    exporter = OTLPExporter(recorder, f"127.0.0.1:{port}", {"service.name": "retry-test"}, "0")
+    n = 3 * ENCODE_SLICE + 7
+    receiver = None
+
+    async def main():
+        nonlocal receiver
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exporter.run)
+            for i in range(n):
+                recorder.record(_span(i, attributes={"test": "retry", "n": i}))
+            with trio.fail_after(10):
+                while recorder.stats.export_failures < 2:
+                    await trio.sleep(0.02)
+            assert len(recorder) == 0  # taken: the exporter holds the batch
+            receiver = OTLPReceiver(port=port)
+            with trio.fail_after(20):
+                while recorder.stats.exported < n:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+        got = receiver.wait(n, test="retry")
+        assert sorted(s.attrs["n"] for s in got) == list(range(n))
+        assert receiver.requests == 1
+        assert recorder.stats.exported == n and recorder.stats.export_dropped == 0
+    finally:
+        exporter.close()
+        if receiver is not None:
+            receiver.close()
 
 
 # -- the hand-written wire encoder writes exactly what the message encoder writes ---------------
