@@ -25,7 +25,7 @@ from functools import partial
 import trio
 
 from tracemesh import __version__
-from tracemesh._proc import freeze_startup_objects
+from tracemesh._proc import freeze_startup_objects, keep_freed_memory
 from tracemesh.httpserve import serve_http
 from tracemesh.net import Addr
 from tracemesh.proxy._accesslog import DEFAULT_MODE as DEFAULT_ACCESS_LOG
@@ -279,6 +279,7 @@ async def _main(service: str, version: str, app: Addr, inbound: Addr, outbound: 
 
                 conns.start_soon(accept_loop)
                 freeze_startup_objects()
+                keep_freed_memory()
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
                 readiness.listening = True
                 if spec is not None:  # the supervisor prints the banner once every worker reported

@@ -1,8 +1,10 @@
 """Process-wide concerns of the long-running commands: child processes that never outlive their
-supervisor, and start-up objects kept out of the cycle collector's reach."""
+supervisor, start-up objects kept out of the cycle collector's reach, and freed memory kept for
+reuse."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import sys
 
@@ -31,3 +33,26 @@ def freeze_startup_objects() -> None:
     during a 600k-span ingest run went to the cycle collector before, none visible after."""
     gc.collect()
     gc.freeze()
+
+
+#: glibc's malloc options (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks below this come from the heap and are reused once freed (glibc's default starts at 128 KiB
+#: and moves), and up to this much free memory at the heap's top is kept rather than returned.
+KEEP_FREED_BYTES = 4 * 1024 * 1024
+
+
+def keep_freed_memory(nbytes: int = KEEP_FREED_BYTES) -> bool:
+    """Have glibc's malloc keep freed blocks of up to *nbytes* for reuse. By default it unmaps a
+    large block when it is freed, or trims the heap under it, so the next one is faulted in again,
+    page by page. A sidecar's export requests (~0.6 MB, copied a few times on their way to the
+    socket) cost about a thousand minor faults each, ~1 ms of the event loop at once, about one
+    fault per proxied request in all. With this, 0.05 per request, for ~3 MB more resident at rest
+    and no higher peak (measured at 1,000 req/s). True when set; False where malloc is not
+    glibc's (no ``mallopt``, or it refuses)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, nbytes))
