@@ -26,6 +26,13 @@ def _span(i: int = 1, **kw) -> SpanRecord:
     return SpanRecord(**base)
 
 
+async def _until(ready, timeout: float = 10) -> None:
+    """Wait until ``ready()`` is true (trio.TooSlowError after *timeout* seconds)."""
+    with trio.fail_after(timeout):
+        while not ready():
+            await trio.sleep(0.02)
+
+
 def test_bounded_queue_drops_and_counts():
     r = SpanRecorder(max_queued=3)
     for i in range(5):
@@ -112,9 +119,7 @@ def test_exporter_sends_queued_spans_and_flush_sends_the_rest(otlp):
         async with trio.open_nursery() as n:
             await n.start(exporter.run)
             recorder.record(_span(1, attributes={"test": tag, "n": 1}))
-            with trio.fail_after(10):
-                while recorder.stats.exported < 1:
-                    await trio.sleep(0.05)
+            await _until(lambda: recorder.stats.exported >= 1)
             n.cancel_scope.cancel()
         recorder.record(_span(2, attributes={"test": tag, "n": 2}))  # the exporter loop is gone: flush sends it
         await exporter.flush(3)
@@ -146,9 +151,7 @@ def test_steady_load_is_exported_in_batches_not_a_call_per_few_spans(otlp):
             for i in range(n):  # ~2,000 spans a second for ~1.5 s: some arrive during every export
                 recorder.record(_span(i, attributes={"test": tag}))
                 await trio.sleep_until(t0 + (i + 1) / 2000)
-            with trio.fail_after(10):
-                while recorder.stats.exported < n:
-                    await trio.sleep(0.05)
+            await _until(lambda: recorder.stats.exported >= n)
             nursery.cancel_scope.cancel()
 
     try:
@@ -184,9 +187,7 @@ def test_cancelled_exporter_counts_the_batch_it_held():
             await n.start(exporter.run)
             recorder.record(_span(1))
             recorder.record(_span(2))
-            with trio.fail_after(10):
-                while not recorder.stats.export_failures:
-                    await trio.sleep(0.05)
+            await _until(lambda: recorder.stats.export_failures)
             n.cancel_scope.cancel()  # the failed batch is waiting for its retry
 
     try:
@@ -221,14 +222,10 @@ def test_a_batch_that_failed_is_sent_later_from_its_bytes_once():
             await nursery.start(exporter.run)
             for i in range(n):
                 recorder.record(_span(i, attributes={"test": "retry", "n": i}))
-            with trio.fail_after(10):
-                while recorder.stats.export_failures < 2:
-                    await trio.sleep(0.02)
+            await _until(lambda: recorder.stats.export_failures >= 2)
             assert len(recorder) == 0  # taken: the exporter holds the batch
             receiver = OTLPReceiver(port=port)
-            with trio.fail_after(20):
-                while recorder.stats.exported < n:
-                    await trio.sleep(0.05)
+            await _until(lambda: recorder.stats.exported >= n, 20)
             nursery.cancel_scope.cancel()
 
     try:
