@@ -414,14 +414,9 @@ class OTLPExporter:
             await trio.lowlevel.checkpoint()
         return enc.request(pieces)
 
-    async def _encode_batch(self, batch: list) -> tuple[bytes, int]:
-        """A batch taken from the queue as (its request's bytes, its record count), ready to send
-        and to send again: a retry keeps the bytes, not the records."""
-        n = len(batch)
-        return await self.encode_sliced(batch), n
-
-    async def _export(self, encoded: tuple[bytes, int], timeout: float = EXPORT_TIMEOUT_S) -> bool:
-        payload, n = encoded
+    async def _export(self, payload: bytes, n: int, timeout: float = EXPORT_TIMEOUT_S) -> bool:
+        """Send the encoded request of *n* records; False (counted, logged) when it fails. A retry
+        sends the same bytes: the records are gone once encoded."""
         try:
             await self.client.call(self.export_path, payload, timeout)
         except ExportError as exc:
@@ -442,7 +437,8 @@ class OTLPExporter:
         collector: a fifth of the sidecar's busy CPU). A failing batch is retried with backoff,
         then dropped (counted)."""
         task_status.started()
-        pending: tuple[bytes, int] | None = None  # an encoded batch, until it is sent or dropped
+        held = 0  # records taken from the queue and neither exported nor dropped yet
+        payload = b""  # their request, once encoded
         attempts = 0
         try:
             while True:
@@ -450,13 +446,14 @@ class OTLPExporter:
                     await self.recorder.wakeup.wait()
                 self.recorder.wakeup = trio.Event()
                 while True:
-                    if pending is None:
+                    if not held:
                         batch = self.recorder.take()
                         if not batch:
                             break
-                        pending, attempts = await self._encode_batch(batch), 0
-                    if await self._export(pending):
-                        pending = None
+                        held, attempts = len(batch), 0
+                        payload = await self.encode_sliced(batch)
+                    if await self._export(payload, held):
+                        held, payload = 0, b""
                         if len(self.recorder) < MAX_BATCH:
                             # a partial batch waits for the interval, or for a full batch's wake-up
                             # (not for one that came during this export: that batch has gone)
@@ -465,13 +462,13 @@ class OTLPExporter:
                         continue
                     attempts += 1
                     if attempts >= MAX_ATTEMPTS:
-                        self.recorder.stats.export_dropped += pending[1]
-                        pending = None
+                        self.recorder.stats.export_dropped += held
+                        held, payload = 0, b""
                     await trio.sleep(min(0.25 * 2 ** attempts, 5.0))
                     break
         finally:
-            if pending is not None:  # cancelled while a batch waited for a retry
-                self.recorder.stats.export_dropped += pending[1]
+            # cancelled while a batch was being encoded or sent, or waited for a retry
+            self.recorder.stats.export_dropped += held
 
     async def flush(self, deadline_s: float = 3.0) -> None:
         """Send what is queued, for at most *deadline_s* (shielded: runs during shutdown).
@@ -481,7 +478,7 @@ class OTLPExporter:
             while len(self.recorder):
                 batch = self.recorder.take()
                 unsent = len(batch)
-                if not await self._export(await self._encode_batch(batch), timeout=deadline_s):
+                if not await self._export(await self.encode_sliced(batch), unsent, timeout=deadline_s):
                     break
                 unsent = 0
         self.recorder.stats.export_dropped += unsent + len(self.recorder)

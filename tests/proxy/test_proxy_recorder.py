@@ -198,6 +198,28 @@ def test_cancelled_exporter_counts_the_batch_it_held():
     assert recorder.stats.export_dropped == 2
 
 
+def test_cancelled_while_encoding_counts_the_batch_it_took():
+    recorder = SpanRecorder()
+    exporter = OTLPExporter(recorder, f"127.0.0.1:{free_port()}", {}, "0")
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(exporter.run)
+            for i in range(MAX_BATCH):  # a full batch wakes the exporter: 32 slices to encode
+                recorder.record(_span(i))
+            for _ in range(4):
+                await trio.lowlevel.checkpoint()
+            assert len(recorder) == 0  # taken, and being encoded
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        exporter.close()
+    assert recorder.stats.exported == 0 and recorder.stats.export_failures == 0
+    assert recorder.stats.export_dropped == MAX_BATCH
+
+
 def test_sliced_encoding_frees_the_records_and_writes_what_encode_writes():
     exporter = OTLPExporter(SpanRecorder(), f"127.0.0.1:{free_port()}", {"service.name": "s"}, "0")
     batch = [_span(i, attributes={"i": i, "route": "r"}) for i in range(3 * ENCODE_SLICE + 5)]
