@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -178,46 +179,36 @@ def test_flush_is_bounded_when_the_collector_is_away():
     assert recorder.stats.export_dropped == 3  # lost at shutdown, but counted
 
 
-def test_cancelled_exporter_counts_the_batch_it_held():
+async def _after_a_failure(recorder: SpanRecorder) -> None:
+    await _until(lambda: recorder.stats.export_failures)  # the failed batch waits for its retry
+
+
+async def _mid_encoding(recorder: SpanRecorder) -> None:
+    for _ in range(4):  # a full batch woke the exporter: 32 slices to encode, a checkpoint after each
+        await trio.lowlevel.checkpoint()
+    assert len(recorder) == 0 and recorder.stats.export_failures == 0  # taken, and being encoded
+
+
+@pytest.mark.parametrize(("spans", "moment"), [(2, _after_a_failure), (MAX_BATCH, _mid_encoding)],
+                         ids=["waiting-for-its-retry", "mid-encoding"])
+def test_cancelled_exporter_counts_the_batch_it_held(spans, moment):
     recorder = SpanRecorder()
     exporter = OTLPExporter(recorder, f"127.0.0.1:{free_port()}", {}, "0")
 
     async def main():
         async with trio.open_nursery() as n:
             await n.start(exporter.run)
-            recorder.record(_span(1))
-            recorder.record(_span(2))
-            await _until(lambda: recorder.stats.export_failures)
-            n.cancel_scope.cancel()  # the failed batch is waiting for its retry
-
-    try:
-        trio.run(main)
-    finally:
-        exporter.close()
-    assert len(recorder) == 0 and recorder.stats.exported == 0
-    assert recorder.stats.export_dropped == 2
-
-
-def test_cancelled_while_encoding_counts_the_batch_it_took():
-    recorder = SpanRecorder()
-    exporter = OTLPExporter(recorder, f"127.0.0.1:{free_port()}", {}, "0")
-
-    async def main():
-        async with trio.open_nursery() as n:
-            await n.start(exporter.run)
-            for i in range(MAX_BATCH):  # a full batch wakes the exporter: 32 slices to encode
+            for i in range(spans):
                 recorder.record(_span(i))
-            for _ in range(4):
-                await trio.lowlevel.checkpoint()
-            assert len(recorder) == 0  # taken, and being encoded
+            await moment(recorder)
             n.cancel_scope.cancel()
 
     try:
         trio.run(main)
     finally:
         exporter.close()
-    assert recorder.stats.exported == 0 and recorder.stats.export_failures == 0
-    assert recorder.stats.export_dropped == MAX_BATCH
+    assert len(recorder) == 0 and recorder.stats.exported == 0
+    assert recorder.stats.export_dropped == spans
 
 
 def test_sliced_encoding_frees_the_records_and_writes_what_encode_writes():
