@@ -15,7 +15,8 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry._logs import LogRecord, SeverityNumber
+from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExportResult
@@ -68,19 +69,17 @@ def test_sdk_metrics_land_in_the_exporter_tables(col, transport):
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_sdk_logs_land_in_otel_logs_with_their_trace(col, transport):
-    import logging
-
     service = f"logs-{transport}"
     exporter = (GrpcLogExporter(endpoint=col.grpc_addr, insecure=True) if transport == "grpc"
                 else HttpLogExporter(endpoint=f"{col.http_url}/v1/logs"))
     provider = LoggerProvider(resource=_resource(service))
     provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
-    logger = logging.getLogger(f"signals.{transport}")
-    logger.propagate = False
-    logger.addHandler(LoggingHandler(logger_provider=provider))
+    # the Logs API as the SDK's logging bridges call it (the SDK's own LoggingHandler is deprecated);
+    # the record takes the current span's context
+    logger = provider.get_logger(f"signals.{transport}")
     tracer = TracerProvider(resource=_resource(service)).get_tracer("t")
     with tracer.start_as_current_span("work") as span:
-        logger.warning("disk %s is %d%% full", "/var", 93)
+        logger.emit(LogRecord(body="disk /var is 93% full", severity_text="WARN", severity_number=SeverityNumber.WARN))
         trace_id = format(span.get_span_context().trace_id, "032x")
     provider.shutdown()
     rows = col.wait_rows(f"SELECT Body, SeverityText, SeverityNumber, TraceId, TimestampTime > 0 AS t "
