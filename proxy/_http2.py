@@ -76,7 +76,7 @@ import h2.settings
 import trio
 
 from tracemesh.net import Addr
-from tracemesh.proxy import _translate
+from tracemesh.proxy import _hpack, _translate
 from tracemesh.proxy._http1 import (
     BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S, HOP_BY_HOP, IDLE_TIMEOUT_S, MAX_HEADER_BYTES, MAX_RETRY_BODY,
     ROUTE_TIMEOUT_S, ProxyError, _header, _Span, _start_span, _Target,
@@ -325,6 +325,7 @@ class H2Conn:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True)
         self.h2 = h2.connection.H2Connection(config)
+        self.h2.encoder = _hpack.Encoder()  # no dynamic table, field encodings kept (proxy/_hpack.py)
         self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
