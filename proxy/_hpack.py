@@ -107,8 +107,9 @@ class Encoder:
         self._size_update = b"\x20"
 
     def encode(self, headers, huffman: bool = True) -> bytes:
-        """The header block of *headers*: (name, value) byte pairs, HPACK's HeaderTuple or
-        NeverIndexedHeaderTuple (special headers first, as h2 passes them)."""
+        """The header block of *headers*: (name, value) byte pairs, (name, value, sensitive)
+        triples, HPACK's HeaderTuple or NeverIndexedHeaderTuple (special headers first, as h2
+        passes them). *huffman*: Huffman-code the fields that are kept (the others never are)."""
         out = []
         if self._size_update:
             out.append(self._size_update)
@@ -116,8 +117,9 @@ class Encoder:
         kept = _KEPT
         for field in headers:
             name, value = field[0], field[1]
-            if field.__class__ is NeverIndexedHeaderTuple:
-                out.append(encode_field(name, value, True, huffman))
+            if field.__class__ is NeverIndexedHeaderTuple or (field.__class__ is tuple and len(field) > 2 and field[2]):
+                # sensitive (hpack's 3-tuple form too): never kept, so never Huffman-coded either
+                out.append(encode_field(name, value, True))
                 continue
             values = kept.get(name)
             if values is not None:

@@ -16,8 +16,13 @@ _names = st.one_of(st.sampled_from(_static_names), st.binary(min_size=1, max_siz
                    st.sampled_from([b"traceparent", b"x-request-id", b"grpc-status", b"grpc-message"]))
 _values = st.one_of(st.sampled_from([v for _, v in HeaderTable.STATIC_TABLE]), st.binary(max_size=300),
                     st.sampled_from([b"0", b"application/grpc", b"trailers", b"x" * 200]))
-_field = st.builds(lambda n, v, never: NeverIndexedHeaderTuple(n, v) if never else (n, v),
-                   _names, _values, st.booleans())
+_field = st.builds(lambda n, v, form: NeverIndexedHeaderTuple(n, v) if form == "never" else (n, v, form == "sensitive")
+                   if form in ("sensitive", "plain3") else (n, v),
+                   _names, _values, st.sampled_from(["pair", "never", "sensitive", "plain3"]))
+
+
+def _never(field) -> bool:
+    return type(field) is NeverIndexedHeaderTuple or (len(field) > 2 and bool(field[2]))
 _blocks = st.lists(st.lists(_field, max_size=20), min_size=1, max_size=6)
 
 
@@ -29,7 +34,7 @@ def test_blocks_decode_to_what_was_encoded(blocks, huffman):
         got = dec.decode(enc.encode(block, huffman), raw=True)
         assert got == [(f[0], f[1]) for f in block]
         # never-indexed stays never-indexed for whoever re-encodes it; nothing else is marked so
-        assert [type(g) is NeverIndexedHeaderTuple for g in got] == [type(f) is NeverIndexedHeaderTuple for f in block]
+        assert [type(g) is NeverIndexedHeaderTuple for g in got] == [_never(f) for f in block]
         assert len(dec.header_table.dynamic_entries) == 0  # nothing was ever added to the peer's table
 
 
