@@ -25,6 +25,7 @@ def snapshot(pipeline: Pipeline) -> dict:
         "insert_seconds": round(s.insert_seconds, 6),
         "last_insert_ms": round(s.last_insert_ms, 3),
         "storage_up": s.storage_ok,
+        "flush_interval_s": pipeline.flush_interval,
     }
 
 

@@ -31,7 +31,7 @@ from tracemesh.collector._config_store import ConfigStore, ConfigStoreError
 from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, start_grpc
 from tracemesh.collector._otlp import decode_record, use_native_traces
 from tracemesh.collector._otlp_http import OTLPHttp
-from tracemesh.collector._pipeline import Pipeline
+from tracemesh.collector._pipeline import FLUSH_INTERVAL_S, Pipeline
 from tracemesh.collector._schema import SchemaOptions
 from tracemesh.collector._store import EmbeddedStore, StoreBusy
 from tracemesh.collector._wal import MAX_BYTES, WAL
@@ -66,6 +66,7 @@ class CollectorOptions:
     endpoint_grace_s: float = 30.0  # how long a departed or unhealthy endpoint stays routable
     control_dir: str | None = None  # the mesh config history; default <store>/control, ./tracemesh-control with --clickhouse
     config_history: int = 100  # versions of the mesh config kept (the newest)
+    flush_interval_s: float = FLUSH_INTERVAL_S  # stored data is queryable within about this long
 
 
 #: Where the write-ahead log lives when the store is a server (no store directory to put it in).
@@ -176,7 +177,8 @@ async def _main(opts: CollectorOptions) -> int:
             if opts.native_traces and not opts.clickhouse:
                 await trio.to_thread.run_sync(store.enable_native, f"{wal_dir}/native")
                 use_native_traces(True)
-            pipeline = state["pipeline"] = Pipeline(wal, store.insert_rows, decode_record)
+            pipeline = state["pipeline"] = Pipeline(wal, store.insert_rows, decode_record,
+                                                     flush_interval=opts.flush_interval_s)
             ca_handlers, ca_line, ca_service, ca_serving = (), "", None, None
             if opts.ca_dir:
                 from tracemesh.collector._ca import CaError

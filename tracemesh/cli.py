@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log size past which exports are pushed back (default: %(default)s)")
     c.add_argument("--max-message-mb", type=_positive_int, default=16,
                    help="largest OTLP message accepted, after decompression (default: %(default)s)")
+    c.add_argument("--flush-interval", metavar="SECONDS", type=float, default=None,
+                   help="store what arrived at least this often: data is queryable within about this long; "
+                        "longer means fewer, larger inserts and less merging (default: 1)")
     c.add_argument("--ttl-days", type=int, default=0, help="keep data this many days; 0 keeps it (default: %(default)s)")
     c.add_argument("--python-encoder", action="store_true",
                    help="encode trace exports in Python instead of letting the embedded ClickHouse parse them "
@@ -184,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--control: {exc}")
         if args.endpoint_grace < 0:
             parser.error("--endpoint-grace must be 0 or more seconds")
+        flush = {}
+        if args.flush_interval is not None:
+            if not 0.01 <= args.flush_interval <= 3600:
+                parser.error("--flush-interval must be between 0.01 and 3600 seconds")
+            flush = {"flush_interval_s": args.flush_interval}
         if args.ca_mtls is not None and not args.ca:
             build_parser().error("--ca-mtls goes with --ca (the CA directory to serve)")
         return serve(CollectorOptions(
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             wal_max_bytes=args.wal_max_mb * 1024 * 1024, max_message_bytes=args.max_message_mb * 1024 * 1024,
             ttl_days=args.ttl_days, clickhouse=args.clickhouse, ca_dir=args.ca, ca_mtls=args.ca_mtls,
             native_traces=not args.python_encoder, control_dir=args.control_dir, config_history=args.config_history,
-            control=control, control_off=control_off, endpoint_grace_s=args.endpoint_grace))
+            control=control, control_off=control_off, endpoint_grace_s=args.endpoint_grace, **flush))
     if args.command == "sidecar":
         from tracemesh.proxy import serve
 

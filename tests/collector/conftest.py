@@ -148,9 +148,9 @@ def collector_factory(tmp_path_factory, tracemesh_cmd):
     """Start collectors that are stopped (SIGTERM, then kill) when the module is done."""
     started: list[Collector] = []
 
-    def make(store: Path | None = None) -> Collector:
+    def make(store: Path | None = None, extra: tuple[str, ...] = ()) -> Collector:
         base = tmp_path_factory.mktemp("collector")
-        c = Collector(tracemesh_cmd, store or base / "store", base / "collector.log")
+        c = Collector(tracemesh_cmd, store or base / "store", base / "collector.log", extra=extra)
         started.append(c)
         return c.start()
 

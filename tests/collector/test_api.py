@@ -199,6 +199,12 @@ def test_stats_show_span_counters(collector, seeded):
     assert p["rows_received"] >= SEED_SPANS and p["rows_stored"] >= SEED_SPANS
     assert p["rows_stored_by_table"]["otel_traces"] >= SEED_SPANS
     assert p["rows_rejected"] == 0 and p["exports"] >= 1
+    assert p["flush_interval_s"] == 1.0  # the default
+
+
+def test_flush_interval_is_the_one_asked_for(collector_factory):
+    c = collector_factory(extra=("--flush-interval", "0.25"))
+    assert httpx.get(f"{c.api_url}/api/stats").json()["pipeline"]["flush_interval_s"] == 0.25
 
 
 # -- what the query's author gets wrong: 400 with ClickHouse's words -----------------------------------
