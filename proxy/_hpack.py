@@ -25,6 +25,7 @@ pairs of a block and sets :attr:`Encoder.header_table_size`.
 from __future__ import annotations
 
 from hpack import NeverIndexedHeaderTuple
+from hpack.hpack import encode_integer
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
@@ -48,15 +49,10 @@ for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
     """RFC 7541 §5.1: *value* with an N-bit prefix, the first byte's other bits from *first*."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
+    if value < (1 << prefix_bits) - 1:  # one byte: the common case, without hpack's checks and logging
         return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
+    out = encode_integer(value, prefix_bits)
+    out[0] |= first
     return bytes(out)
 
 
