@@ -15,7 +15,7 @@ sent whole every time (tens of bytes a block; nothing next to the bodies a mesh 
 The first block, and the first after the peer changes SETTINGS_HEADER_TABLE_SIZE, starts with a
 dynamic table size update to 0 (§6.3), so the peer's decoder knows no entry will ever be referenced
 and every peer (grpcio, nghttp2, h2) accepts the blocks. Fields marked never-indexed
-(:class:`hpack.NeverIndexedHeaderTuple`: h2 marks short ``authorization`` and ``cookie`` values so)
+(:class:`hpack.NeverIndexedHeaderTuple`: h2 marks ``authorization`` and short ``cookie`` values so)
 are sent as never-indexed literals (§6.2.3), which intermediaries must keep as such.
 
 Drop-in for ``H2Connection.encoder``: h2 calls :meth:`Encoder.encode` with the (name, value) byte
