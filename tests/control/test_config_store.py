@@ -167,7 +167,10 @@ CHILD = textwrap.dedent("""\
         v = store.apply(f"services:\\n  catalog: {{versions: [v1, v2]}}\\nroutes:\\n  - service: catalog\\n"
                         f"    destinations: [{{version: v1, weight: {100 - w}}}, {{version: v2, weight: {w}}}]\\n"
                         f"    name: r{i}\\n", "loop.yaml")
-        print(v.version, v.digest, flush=True)
+        # one write per line: under PYTHONUNBUFFERED print() writes each piece with its own system
+        # call, and a kill between them left a torn line ("12 ")
+        sys.stdout.write(f"{v.version} {v.digest}\\n")
+        sys.stdout.flush()
     """)
 
 
@@ -180,10 +183,9 @@ def test_kill_9_during_applies_never_loses_or_tears_a_version(tmp_path):
         time.sleep(0.4 + 0.13 * round_)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=10)
-        for line in out.splitlines():
-            if line.count(" ") == 1:
-                n, d = line.split()
-                acked[int(n)] = d
+        for line in out.split("\n")[:-1]:  # whole lines only: the last piece is empty or cut by the kill
+            n, d = line.split()
+            acked[int(n)] = d
     assert len(acked) > 10, "the child never got going"
     with ConfigStore(tmp_path, keep=20) as store:
         hist = store.history()
