@@ -267,15 +267,14 @@ def serve(opts: CollectorOptions) -> int:
 
 def status(api: str) -> int:
     """``tracemesh collector status``: the running collector's numbers, for people."""
-    import json
-    import urllib.request
+    from tracemesh.query import QueryError
+    from tracemesh.query.cli import stats_api
 
     base = api if "://" in api else f"http://{api}"
     try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}/api/stats", timeout=10) as r:
-            st = json.load(r)
-    except OSError as exc:
-        print(f"tracemesh collector status: cannot reach {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        st = stats_api(base)
+    except QueryError as exc:
+        print(f"tracemesh collector status: {exc}", file=sys.stderr)
         return 1
     p = st.get("pipeline")
     print(f"collector at {base}: up {st['uptime_s']:.0f}s, store {st['store']}")

@@ -39,6 +39,16 @@ def query_api(api: str, sql: str, clickhouse_format: str, timeout: float = API_T
         raise QueryError(f"cannot reach the query API at {base}: {reason}") from None
 
 
+def stats_api(api: str, timeout: float = 10.0) -> dict:
+    """GET a collector's ``/api/stats``; QueryError when it cannot be reached."""
+    base = (api if "://" in api else f"http://{api}").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/api/stats", timeout=timeout) as resp:
+            return json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        raise QueryError(f"cannot reach the query API at {base}: {getattr(exc, 'reason', exc)}") from None
+
+
 def query_store(store: str, sql: str, clickhouse_format: str) -> bytes:
     """Open the embedded store at *store* and run *sql* read-only.
 

@@ -202,6 +202,16 @@ def test_stats_show_span_counters(collector, seeded):
     assert p["flush_interval_s"] == 1.0  # the default
 
 
+def test_status_of_a_collector_that_is_not_there_is_one_clear_line(run_tracemesh):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_tracemesh("collector", "status", "--api", f"127.0.0.1:{port}")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("tracemesh collector status: cannot reach the query API at http://127.0.0.1:")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_flush_interval_is_the_one_asked_for(collector_factory):
     c = collector_factory(extra=("--flush-interval", "0.25"))
     assert httpx.get(f"{c.api_url}/api/stats").json()["pipeline"]["flush_interval_s"] == 0.25

@@ -11,13 +11,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from tracemesh.demo._mesh import LocalMesh
 from tracemesh.query import QueryError
-from tracemesh.query.cli import query_api
+from tracemesh.query.cli import query_api, stats_api
 from tracemesh.query.render import SpanRow, table, waterfall
 
 LOAD_WORKERS = 8
@@ -111,19 +110,13 @@ def _sql(api: str, sql: str) -> list[dict]:
     return json.loads(query_api(api, sql, "JSON"))["data"]
 
 
-def _queued_rows(api: str) -> int:
-    """Rows the collector acknowledged and has not stored yet (it stores them every second or so)."""
-    with urllib.request.urlopen(f"{api.rstrip('/')}/api/stats", timeout=10) as r:
-        return int(json.load(r)["pipeline"]["rows_queued"])
-
-
 def _wait_for_spans(api: str) -> int:
     """Wait until what the collector acknowledged is stored and the span count has stopped growing
     (the workloads' exporters flush as they stop)."""
     deadline = time.monotonic() + SPAN_SETTLE_TIMEOUT_S
     last = -1
     while True:
-        queued = _queued_rows(api)
+        queued = int(stats_api(api)["pipeline"]["rows_queued"])  # acknowledged, not stored yet
         n = int(_sql(api, "SELECT count() AS n FROM otel_traces")[0]["n"])
         if (n == last and not queued) or time.monotonic() > deadline:
             return n
