@@ -245,8 +245,8 @@ class Pipeline:
         with self._cond:
             deadline = time.monotonic() + self._flush_interval
             while True:
-                ready = self._ready_rows()
-                if self._closing or ready >= self._max_batch:
+                ready, full = self._ready()
+                if self._closing or full:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 and ready:
@@ -270,13 +270,19 @@ class Pipeline:
                 return None if self._closing else []
             return run
 
-    def _ready_rows(self) -> int:
-        """Weight of the durable entries next in line (up to a batch's worth)."""
-        w, s = 0, self._next
-        while s in self._pending and s <= self.wal.durable and w < self._max_batch:
-            w += self._pending[s].weight
+    def _ready(self) -> tuple[int, bool]:
+        """Weight of the durable entries next in line, and whether they make a full run (a batch's
+        weight or MAX_RUN_ROWS rows: waiting for the flush interval then only grows the backlog)."""
+        w = rows = 0
+        s = self._next
+        while s in self._pending and s <= self.wal.durable:
+            e = self._pending[s]
+            w += e.weight
+            rows += e.rows
+            if w >= self._max_batch or rows >= MAX_RUN_ROWS:
+                return w, True
             s += 1
-        return w
+        return w, False
 
     def _materialize(self, run: list[_Entry]) -> tuple[dict, int]:
         parts = []

@@ -152,6 +152,20 @@ def test_what_close_cannot_store_stays_in_the_log_for_the_next_start(store, otlp
         p2.close(5)
 
 
+def test_a_full_run_is_stored_without_waiting_for_the_flush_interval(store, otlp, tmp_path, monkeypatch):
+    """Batches kept as protobuf bytes weigh little, so a run fills by MAX_RUN_ROWS first: it goes
+    at once, not when the (long) interval ends."""
+    monkeypatch.setattr(_pipeline, "MAX_RUN_ROWS", 20)
+    p = Pipeline(WAL(tmp_path / "wal"), Storage(store), decode_record, flush_interval=60.0, max_batch_rows=10**9)
+    try:
+        tids = [os.urandom(16) for _ in range(2)]
+        seqs = [submit(p, otlp, t, 10) for t in tids]
+        assert p.wait_stored(seqs[-1], 10)
+        assert count(store, tids) == {t.hex(): 10 for t in tids}
+    finally:
+        p.close(5)
+
+
 def test_close_drains_what_is_queued(store, otlp, tmp_path):
     storage = Storage(store)
     p = Pipeline(WAL(tmp_path / "wal"), storage, decode_record, flush_interval=5.0)  # no timely flush
