@@ -45,11 +45,12 @@ MAX_BATCH_ROWS = 25_000
 MAX_RUN_ROWS = 100_000
 #: Data is queryable within about this long after it arrives (``--flush-interval``). Each insert makes
 #: a part in every table it touches, and ClickHouse merges parts in the background, rebuilding their
-#: skip indexes: at a mesh's pace (2 sidecars at 1,000 req/s, ~4,000 spans and access-log records a
-#: second) merges were ~40 % of the collector's CPU with 0.2 s; 1 s took 15-23 % off its CPU (3
-#: alternated pairs, 2026-11-27).
-#: Under bulk load inserts go by size (MAX_BATCH_ROWS), not by time.
-FLUSH_INTERVAL_S = 1.0
+#: skip indexes. At a mesh's pace (2 sidecars at 1,000 req/s, ~4,000 spans and access-log records a
+#: second) merges were ~40 % of the collector's CPU, and 1 s took 15-23 % off it (3 alternated pairs,
+#: 2026-11-27); but under bulk load (benchmarks/collector.py) 1 s cost 10-18 % of spans per
+#: CPU-second (2 pairs: full 100k-row runs, more merging inside the run). So 0.2 s stays the default
+#: and a mesh with a steady, moderate flow can choose 1 s.
+FLUSH_INTERVAL_S = 0.2
 #: Rows held in memory for the writer; beyond this, entries are spooled (kept only in the log).
 MAX_MEMORY_ROWS = 100_000
 #: After a failed insert, wait this long (doubling up to the max) before trying the same run again.

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest OTLP message accepted, after decompression (default: %(default)s)")
     c.add_argument("--flush-interval", metavar="SECONDS", type=float, default=None,
                    help="store what arrived at least this often: data is queryable within about this long; "
-                        "longer means fewer, larger inserts and less merging (default: 1)")
+                        "longer means fewer, larger inserts and less merging (default: 0.2)")
     c.add_argument("--ttl-days", type=int, default=0, help="keep data this many days; 0 keeps it (default: %(default)s)")
     c.add_argument("--python-encoder", action="store_true",
                    help="encode trace exports in Python instead of letting the embedded ClickHouse parse them "

@@ -199,7 +199,7 @@ def test_stats_show_span_counters(collector, seeded):
     assert p["rows_received"] >= SEED_SPANS and p["rows_stored"] >= SEED_SPANS
     assert p["rows_stored_by_table"]["otel_traces"] >= SEED_SPANS
     assert p["rows_rejected"] == 0 and p["exports"] >= 1
-    assert p["flush_interval_s"] == 1.0  # the default
+    assert p["flush_interval_s"] == 0.2  # the default
 
 
 def test_status_of_a_collector_that_is_not_there_is_one_clear_line(run_tracemesh):
