@@ -65,7 +65,8 @@ def test_snapshots_nacks_cache_and_reconnects(tmp_path, monkeypatch):
             await until(lambda: [p["status"] for p in dist.proxies()["proxies"]] == ["NACK"])
             dist.publish(3, mesh("v2"))
             await until(lambda: ("127.0.0.1:9001", "v2") in endpoints())
-            assert json.loads(cache.read_text())["version"] == client.applied_version
+            # the cache is written after the router takes the config (in a worker thread): wait for it
+            await until(lambda: json.loads(cache.read_text())["version"] == client.applied_version)
             # the control plane goes away and comes back: the router keeps its config meanwhile
             await trio.to_thread.run_sync(server.stop, 0.1)
             await until(lambda: client.stats.failures >= 1)
@@ -74,6 +75,7 @@ def test_snapshots_nacks_cache_and_reconnects(tmp_path, monkeypatch):
             await trio.to_thread.run_sync(server.start, f"127.0.0.1:{port}")
             dist2.publish(4, mesh("v3"))
             await until(lambda: ("127.0.0.1:9001", "v3") in endpoints())
+            await until(lambda: json.loads(cache.read_text())["version"] == client.applied_version)
             assert client.stats.connects >= 2
             nursery.cancel_scope.cancel()
 
