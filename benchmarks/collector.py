@@ -4,8 +4,9 @@ Concurrent senders (separate processes, raw grpcio with pre-built requests, so t
 does not land on the collector's CPU) export realistic spans: ~20 span attributes, resource
 attributes, one event. The run ends when the target count is stored. The collector's CPU time
 (all its threads, chdb's included) comes from /proc. The baseline, in the same run: the same rows,
-already encoded, inserted straight into the same table in a fresh chdb: the cost of storage alone,
-the ceiling for a collector. It is measured from Arrow (ArrowStream, what the Python encoder hands
+already encoded, inserted straight into the same table in a fresh chdb, with the collector's insert
+settings (the attribute-map indexes left to merges): the cost of storage alone, the ceiling for a
+collector. It is measured from Arrow (ArrowStream, what the Python encoder hands
 over) and from ClickHouse's Native format (what the C encoder hands over; built with it, so only when
 it is built), each in its own process; the cheaper one is the baseline. It is measured again
 after the collector's run, in the cheaper format, and the baseline is the mean of the two: this
@@ -245,7 +246,8 @@ from chdb import session
 sys.path.insert(0, ".")
 from tracemesh.collector._encode import SpanColumns, encode_traces
 from tracemesh.collector._schema import trace_tables
-from tracemesh.collector._store import spans_to_arrow, _arrow_stream
+from tracemesh.collector._store import spans_to_arrow, _arrow_stream, settings_sql
+from tracemesh.collector._schema import insert_settings
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 # 200 exports (100k rows) an insert: as large as the collector's largest (~90k spans), and cheaper per
 # row than 50k-row inserts (measured: ~230k against ~150k rows per CPU-second before merges)
@@ -280,7 +282,7 @@ def merge_cpu():  # this process's ClickHouse merge threads, as _merge_cpu_s
 c0, m0, t0 = time.process_time(), merge_cpu(), time.perf_counter()
 rows = 0
 for n, data in streams:
-    with s.send_insert("INSERT INTO otel_traces", fmt) as ins:
+    with s.send_insert("INSERT INTO otel_traces" + settings_sql(insert_settings("otel_traces")), fmt) as ins:
         ins.append(data); ins.finish()
     rows += n
 cpu, merges, wall = time.process_time() - c0, merge_cpu() - m0, time.perf_counter() - t0

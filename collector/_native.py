@@ -37,6 +37,7 @@ from google.protobuf.internal.encoder import _VarintBytes
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tracemesh.collector._encode import Rejections, SpanColumns, _span_problem, encode_traces
+from tracemesh.collector._schema import DEFER_INDEXES_SETTING, DEFERRED_INDEXES, TRACES_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,8 @@ def insert_sql(batch_file: str, schema_file: str, token: str) -> str:
     q = _quote(token)
     structure = STRUCTURE.replace("'", "\\'")
     return f"""INSERT INTO {STAGING}
-SETTINGS insert_deduplication_token = '{q}', deduplicate_blocks_in_dependent_materialized_views = 1
+SETTINGS insert_deduplication_token = '{q}', deduplicate_blocks_in_dependent_materialized_views = 1,
+    {DEFER_INDEXES_SETTING} = '{DEFERRED_INDEXES[TRACES_TABLE]}'
 SELECT {_OTEL_SELECT},
     {_DEEP} AS Deep, '{q}' AS Batch, rec AS Rec, rs_i AS RsI, sc_i AS ScI, sp_i AS SpI
 FROM (

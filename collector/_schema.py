@@ -6,6 +6,7 @@ change here must keep them. Mesh-specific data goes into attributes prefixed ``m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 TRACES_TABLE = "otel_traces"
@@ -262,3 +263,41 @@ ORDER BY (ServiceName, TimestampTime, Timestamp)
 {opts.ttl('TimestampTime')}
 SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1""",
     ]
+
+
+#: The insert setting that leaves the indexes named below to merges (ClickHouse 25.x and newer).
+DEFER_INDEXES_SETTING = "exclude_materialize_skip_indexes_on_insert"
+_INDEX_ON_MAP = re.compile(r"^\s*INDEX (\w+) map(?:Keys|Values)\(", re.MULTILINE)
+_TABLE_NAME = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)")
+
+
+def _deferred_indexes() -> dict[str, str]:
+    out = {}
+    for ddl in (*trace_tables(), *metric_tables(), *log_tables()):
+        table = _TABLE_NAME.search(ddl)
+        names = _INDEX_ON_MAP.findall(ddl)
+        if table and names:
+            out[table.group(1)] = ", ".join(names)
+    return out
+
+
+#: Per table, the skip indexes an insert does not build: the bloom filters over the keys and values
+#: of attribute maps. ClickHouse builds every skip index again for each part a merge writes, so what
+#: an insert built for these was thrown away at its part's first merge; and they were the insert's
+#: largest cost: inserting benchmarks/collector.py's spans into otel_traces took 4.41-4.43 µs a row
+#: with them and 2.90-2.94 without (chdb 26.9, background merges stopped, 800k rows, 2 runs each;
+#: all skip indexes off: 2.70-2.88). Until a part's first merge, a filter on an attribute reads its
+#: granules instead of skipping them; answers are the same. The other indexes (trace id, duration,
+#: span name, log body) are built on insert: cheap, or what recent data is searched by.
+DEFERRED_INDEXES: dict[str, str] = _deferred_indexes()
+
+
+def insert_settings(table: str, token: str = "", *, defer: bool = True) -> dict[str, str]:
+    """The settings of an insert into *table*: its deduplication token (when given) and the indexes
+    left to merges (unless *defer* is false: a server too old to know the setting)."""
+    settings = {}
+    if token:
+        settings["insert_deduplication_token"] = token
+    if defer and table in DEFERRED_INDEXES:
+        settings[DEFER_INDEXES_SETTING] = DEFERRED_INDEXES[table]
+    return settings

@@ -10,7 +10,8 @@ tables (``insert_distributed_sync = 1``, so an insert returns once the shards ha
 Inserts are columnar (``columnar=True``) and carry the write-ahead log's deduplication token; a
 server too old to know ``insert_deduplication_token`` (it would ignore it silently) is detected at
 connect from ``system.settings``, logged, and written without it (replay after a crash may then
-store a batch twice).
+store a batch twice). Where the server knows ``exclude_materialize_skip_indexes_on_insert``, inserts
+leave the attribute-map indexes to merges, as the embedded store's do (``_schema.DEFERRED_INDEXES``).
 
 Reads: one read-only statement with ``readonly = 1`` set on the query, so the server itself refuses
 writes. The native protocol returns rows, not formatted text, so the query API's formats are
@@ -36,7 +37,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
 from tracemesh.collector._encode import MapColumn, MapListColumn, SpanColumns
-from tracemesh.collector._schema import TRACE_COLUMNS, SchemaOptions
+from tracemesh.collector._schema import (
+    DEFER_INDEXES_SETTING,
+    TRACE_COLUMNS,
+    SchemaOptions,
+    insert_settings,
+)
 from tracemesh.query import QueryError, prepare_readonly
 
 log = logging.getLogger(__name__)
@@ -203,10 +209,15 @@ class ServerStore:
         self.path = target.redacted()
         self._local = threading.local()
         self._tokens = True
+        self._defer_indexes = False
         self._has_format_query: bool | None = None
         self.server_version = self._run("SELECT version()")[0][0]
         # old servers take an unknown query setting silently: ask rather than rely on an error
-        self._tokens = bool(self._run("SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'")[0][0])
+        known = {r[0] for r in self._run("SELECT name FROM system.settings WHERE name IN %(n)s",
+                                         {"n": ("insert_deduplication_token", DEFER_INDEXES_SETTING)})}
+        self._tokens = "insert_deduplication_token" in known
+        # attribute-map indexes left to merges (see _schema.DEFERRED_INDEXES) where the server can
+        self._defer_indexes = DEFER_INDEXES_SETTING in known
         if not self._tokens:
             log.warning("ClickHouse %s does not know insert_deduplication_token: replay after a crash may store a "
                         "batch twice; 22.3 or newer gives exactly-once", self.server_version)
@@ -273,7 +284,7 @@ class ServerStore:
         if not n:
             return 0
         names, cols = _insert_columns(batch)
-        settings = {"insert_deduplication_token": token} if token and self._tokens else {}
+        settings = insert_settings(table, token if self._tokens else "", defer=self._defer_indexes)
         sql = f"INSERT INTO {table} ({', '.join(f'`{c}`' for c in names)}) VALUES"
         try:
             self._client().execute(sql, cols, columnar=True, settings=settings)

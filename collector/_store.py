@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tracemesh.collector._encode import SpanColumns
-from tracemesh.collector._schema import TRACE_COLUMNS, SchemaOptions
+from tracemesh.collector._schema import TRACE_COLUMNS, SchemaOptions, insert_settings
 from tracemesh.query import QueryError, prepare_readonly
 
 LOCK_FILE = ".tracemesh.lock"
@@ -57,6 +57,13 @@ class StoreBusy(Exception):
 
 def _sql_quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def settings_sql(settings: dict[str, str]) -> str:
+    """`` SETTINGS a = 'x', b = 'y'`` for an INSERT (string values), or nothing."""
+    if not settings:
+        return ""
+    return " SETTINGS " + ", ".join(f"{k} = '{_sql_quote(v)}'" for k, v in settings.items())
 
 
 def _chdb_message(exc: Exception) -> str:
@@ -173,10 +180,9 @@ class EmbeddedStore:
 
     def insert_block(self, table: str, data: bytes, fmt: str, token: str = "") -> None:
         """Insert *data*, already in ClickHouse input format *fmt* (``ArrowStream``, ``Native``)."""
-        settings = f" SETTINGS insert_deduplication_token = '{_sql_quote(token)}'" if token else ""
         with self._write_lock:
             try:
-                with self._writer.send_insert(f"INSERT INTO {table}{settings}", fmt) as ins:
+                with self._writer.send_insert(f"INSERT INTO {table}{settings_sql(insert_settings(table, token))}", fmt) as ins:
                     ins.append(data)
                     ins.finish()
             except Exception as exc:
@@ -208,7 +214,8 @@ class EmbeddedStore:
         data = _arrow_stream(spans_to_arrow(cols))
         with self._write_lock:
             try:
-                with self._writer.send_insert("INSERT INTO otel_traces", "ArrowStream") as ins:
+                with self._writer.send_insert(f"INSERT INTO otel_traces{settings_sql(insert_settings('otel_traces'))}",
+                                              "ArrowStream") as ins:
                     ins.append(data)
                     ins.finish()
             except Exception as exc:

@@ -136,6 +136,7 @@ def test_connect_insert_read_formats_and_readonly(server):
     t0 = 1_700_000_000
     assert store.insert_rows("ev", Rows(ts=[t0, t0 + 1], id=["a", "b,\"q\""], n=[1, 2]), token="tok-1") == 2
     assert store._tokens is False  # 18.16 predates insert_deduplication_token: detected, written without it
+    assert store._defer_indexes is False  # and exclude_materialize_skip_indexes_on_insert: inserts leave it out
     doc = json.loads(store.query_readonly("SELECT id, n, toString(ts) AS ts FROM ev ORDER BY id", "JSON"))
     assert [r["id"] for r in doc["data"]] == ["a", 'b,"q"'] and doc["rows"] == 2
     assert doc["meta"][1] == {"name": "n", "type": "UInt64"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,7 +18,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from tracemesh.collector import EmbeddedStore, open_store
 from tracemesh.collector._encode import SpanColumns, encode_traces
-from tracemesh.collector._schema import SchemaOptions, trace_tables
+from tracemesh.collector._schema import DEFERRED_INDEXES, SchemaOptions, insert_settings, trace_tables
+from tracemesh.collector._store import settings_sql
 from tracemesh.query import QueryError, ReadOnlyError
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14, nanoseconds
@@ -235,6 +237,69 @@ def test_a_replayed_insert_is_stored_once_in_both_tables(store, otlp):
     store.insert_rows("otel_traces", cols, token + "-other")
     [r] = rows(store, f"SELECT count() AS c FROM otel_traces WHERE TraceId = '{tid.hex()}'")
     assert int(r["c"]) == 6
+
+
+def test_deferred_indexes_are_exactly_the_attribute_map_indexes(store):
+    got = rows(store, """SELECT table, name, expr FROM system.data_skipping_indices
+                         WHERE database = currentDatabase() AND table LIKE 'otel_%' ORDER BY table, name""")
+    on_maps: dict[str, set] = {}
+    for r in got:
+        if r["expr"].startswith(("mapKeys(", "mapValues(")):
+            on_maps.setdefault(r["table"], set()).add(r["name"])
+    assert {t: set(v.split(", ")) for t, v in DEFERRED_INDEXES.items()} == on_maps
+    assert set(on_maps) >= {"otel_traces", "otel_logs", "otel_metrics_sum"}
+
+
+def test_insert_settings_carry_the_token_and_the_deferred_indexes():
+    assert insert_settings("otel_traces", "t:1-2") == {
+        "insert_deduplication_token": "t:1-2",
+        "exclude_materialize_skip_indexes_on_insert":
+            "idx_res_attr_key, idx_res_attr_value, idx_span_attr_key, idx_span_attr_value"}
+    assert insert_settings("otel_traces", defer=False) == {}  # a server that does not know the setting
+    assert insert_settings("otel_traces_trace_id_ts", "t") == {"insert_deduplication_token": "t"}
+    assert settings_sql(insert_settings("otel_logs", "it's")).startswith(" SETTINGS insert_deduplication_token = 'it\\'s', ")
+    assert settings_sql({}) == ""
+
+
+def _granules_kept(store, where: str, index: str) -> tuple[int, int]:
+    """What skip index *index* keeps of otel_traces's granules for *where* (EXPLAIN indexes = 1):
+    a part without the index keeps all of them."""
+    plan = store.query_write(f"EXPLAIN indexes = 1 SELECT TraceId FROM otel_traces WHERE {where}").decode()
+    m = re.search(rf"Name: {index}\n(?:.*\n)*?\s*Granules: (\d+)/(\d+)", plan)
+    assert m, plan
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_inserts_leave_attribute_map_indexes_to_merges(store, otlp):
+    # a day of its own: its partition holds only this test's parts
+    day = 1_500_000_000 * 10**9  # 2017-07-14
+    in_day = "toDate(Timestamp) = '2017-07-14'"
+    tid, _ = new_ids()
+    spans = [otlp.span(trace_id=tid, span_id=os.urandom(8), start=day + i, attrs={"route": f"/r{i % 3}"})
+             for i in range(30)]
+    absent_attr = f"{in_day} AND has(mapKeys(SpanAttributes), 'absent')"
+    absent_res = f"{in_day} AND has(mapValues(ResourceAttributes), 'absent')"
+    absent_trace = f"{in_day} AND TraceId = '{'0' * 32}'"
+    query = f"SELECT count() AS c FROM otel_traces WHERE TraceId = '{tid.hex()}' AND SpanAttributes['route'] = '/r1'"
+    store.execute("SYSTEM STOP MERGES otel_traces")  # two parts to look at before any merge
+    try:
+        cols, _ = encode_traces(otlp.request(*spans[:15], resource={"zone": "z1"}))
+        assert store.insert_rows("otel_traces", cols, f"test-{tid.hex()}") == 15  # the pipeline's path
+        insert(store, otlp, *spans[15:], resource={"zone": "z1"})
+        # the trace id's index was built on insert; the attribute maps' were not: nothing is skipped
+        assert _granules_kept(store, absent_trace, "idx_trace_id") == (0, 2)
+        assert _granules_kept(store, absent_attr, "idx_span_attr_key") == (2, 2)
+        assert _granules_kept(store, absent_res, "idx_res_attr_value") == (2, 2)
+        [before] = rows(store, query)
+    finally:
+        store.execute("SYSTEM START MERGES otel_traces")
+    store.execute("OPTIMIZE TABLE otel_traces PARTITION '2017-07-14' FINAL")
+    # the merge built every index for the part it wrote
+    assert _granules_kept(store, absent_attr, "idx_span_attr_key") == (0, 1)
+    assert _granules_kept(store, absent_res, "idx_res_attr_value") == (0, 1)
+    assert _granules_kept(store, absent_trace, "idx_trace_id") == (0, 1)
+    [after] = rows(store, query)
+    assert int(before["c"]) == int(after["c"]) == 10
 
 
 def test_concurrent_inserts_and_reads(store, otlp):
