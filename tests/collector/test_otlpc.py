@@ -13,6 +13,7 @@ type, unknown fields and groups, invalid UTF-8, deep nesting), then mutated byte
 from __future__ import annotations
 
 import math
+import random
 import struct
 
 import pytest
@@ -347,6 +348,32 @@ def test_merged_singular_messages_and_oneof_switches():
     got = _read_native(_otlpc.encode([payload])[1])
     assert got["ServiceName"] == ["b"] and got["SpanName"] == ["n2"] and got["StatusCode"] == ["Error"]
     assert dict(got["SpanAttributes"][0])["merged-array"] == '["a","b"]'
+
+
+@pytest.mark.parametrize("n_keys", [2, 23, 24, 25, 64, 300])
+def test_repeated_keys_keep_first_place_and_last_value_at_every_map_size(n_keys):
+    # small maps are deduplicated by signature bits and pairwise checks, larger ones by a hash table;
+    # keys share lengths, prefixes and suffixes so that signatures collide, and events and links,
+    # each with a map of their own, come between the span's attributes
+    rnd = random.Random(n_keys)
+    keys = [f"k{i:03d}.same-suffix" if i % 3 else f"key.{i % 7}" for i in range(n_keys)]
+    s = lambda x: _ld(1, x.encode())  # noqa: E731
+    kv = lambda k, v: _ld(1, k.encode()) + _ld(2, s(v))  # noqa: E731
+    fields = []
+    for i in range(n_keys + n_keys // 2):
+        fields.append(_ld(9, kv(rnd.choice(keys), f"v{i}")))
+        if i % 10 == 3:
+            fields.append(_ld(11, b"\x09" + struct.pack("<Q", i) + _ld(2, f"ev{i}".encode())
+                              + b"".join(_ld(3, kv(rnd.choice(keys[:30]), str(j))) for j in range(i % 30))))
+        if i % 10 == 7:
+            fields.append(_ld(13, _ld(1, bytes(range(1, 17))) + _ld(2, bytes(range(1, 9)))
+                              + b"".join(_ld(4, kv(rnd.choice(keys[:5]), str(j))) for j in range(3))))
+    span = _ld(1, bytes(range(1, 17))) + _ld(2, bytes(range(1, 9))) + b"".join(fields)
+    payload = _ld(1, _ld(2, _ld(2, span)))
+    req = _compare_check(payload)
+    _compare_encode([payload], [req])
+    attrs = _read_native(_otlpc.encode([payload])[1])["SpanAttributes"][0]
+    assert len(attrs) == len({k for k, _ in attrs}) == len({kv.key for kv in req.resource_spans[0].scope_spans[0].spans[0].attributes})
 
 
 def test_benchmark_requests_are_valid_and_encode_as_python_does():
