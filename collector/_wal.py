@@ -58,6 +58,20 @@ class _Loc:
     length: int  # payload length
 
 
+def _write_all(fd: int, head: bytes, payload: bytes) -> None:
+    """*head* then *payload*, in one writev when the kernel takes it all (it does, for a file)."""
+    done = os.writev(fd, (head, payload))
+    if done < len(head):
+        _write_view(fd, memoryview(head)[done:])
+        done = len(head)
+    _write_view(fd, memoryview(payload)[done - len(head):])
+
+
+def _write_view(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _crc(seq: int, kind: int, payload: bytes) -> int:
     return crc32(payload, crc32(struct.pack("<QB", seq, kind)))
 
@@ -181,15 +195,12 @@ class WAL:
                 raise WALFull(f"the write-ahead log holds {self._bytes} bytes not yet stored (limit {self._max_bytes})")
             # the number is taken only now, with the lock held from here to the write
             seq = self.next_seq
-            rec = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind) + payload
+            head = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind)
             offset = self._seg_size
-            view = memoryview(rec)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            _write_all(self._fd, head, payload)  # not head + payload: that copies an export (~400 KB)
             self.next_seq = seq + 1
-            self._seg_size += len(rec)
-            self._bytes += len(rec)
+            self._seg_size += reclen
+            self._bytes += reclen
             self._index[seq] = _Loc(self._segments[-1][1], offset + _HEADER.size, len(payload))
             if on_assigned is not None:
                 on_assigned(seq)

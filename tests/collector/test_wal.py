@@ -8,7 +8,7 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tracemesh.collector._wal import WAL, WALClosed, WALFull
+from tracemesh.collector._wal import WAL, WALClosed, WALFull, _write_all
 
 
 def _records(wal: WAL) -> list[tuple[int, int, bytes]]:
@@ -262,3 +262,21 @@ def test_the_wal_benchmark_runs_and_reports_both_sides():
     for side in ("view", "copy"):
         assert out["read_back"][side]["cpu_us_per_record"] >= 0
     assert out["append"]["us_per_record"] > 0
+
+
+@pytest.mark.parametrize("short", [0, 5, 20, 1020])
+def test_a_short_writev_is_finished_in_order(tmp_path, monkeypatch, short):
+    # a file takes a whole writev; should the kernel ever take less, the rest follows in order
+    real, first = os.writev, []
+
+    def writev(fd, bufs):
+        if first:
+            return real(fd, bufs)
+        first.append(short)
+        return os.write(fd, b"".join(bufs)[:short]) if short else 0
+
+    monkeypatch.setattr(os, "writev", writev)
+    head, payload = bytes(range(20)), os.urandom(5000)
+    with open(tmp_path / "seg", "wb") as f:
+        _write_all(f.fileno(), head, payload)
+    assert first == [short] and (tmp_path / "seg").read_bytes() == head + payload
