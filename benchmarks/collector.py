@@ -130,18 +130,37 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
 
 
-def _merge_cpu_s(pid: int) -> float:
-    """CPU of the process's ClickHouse merge threads (named ``MergeMutate``), all their life."""
-    total = 0
+def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """Each live thread of *pid*: its name and its CPU so far (clock ticks)."""
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if not (task / "comm").read_text().startswith("MergeMutate"):
-                continue
+            comm = (task / "comm").read_text().strip()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended meanwhile
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        out[int(task.name)] = (comm, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _named_cpu_s(before: dict, after: dict, prefixes: tuple[str, ...], *, invert: bool = False) -> float:
+    """CPU between two :func:`_thread_ticks` snapshots of the threads named with *prefixes* (or, with
+    *invert*, of all the others); a thread that ended in between is not counted."""
+    ticks = sum(t - before.get(tid, (comm, 0))[1] for tid, (comm, t) in after.items()
+                if comm.startswith(prefixes) != invert)
+    return ticks / CLK_TCK
+
+
+def _merge_cpu_s(pid: int) -> float:
+    """CPU of the process's ClickHouse merge threads (named ``MergeMutate``), all their life."""
+    return _named_cpu_s({}, _thread_ticks(pid), ("MergeMutate",))
+
+
+#: Thread names of ClickHouse's (chdb's) pools. Every other thread is the collector's own: Python's
+#: threads keep the process's name, grpcio and Trio name theirs. ClickHouse's pools start and end
+#: threads as they go, so its share is the process's CPU less the collector's own (long-lived) threads.
+CLICKHOUSE_THREADS = ("ThreadPool", "MergeMutate", "RuntimeData", "jemalloc", "MemoryWorker", "BgSch", "BgMBSch",
+                      "BgDistSch", "Fetch", "Move", "Common", "SystemLog", "AsyncLoader", "QueryPipeline")
 
 
 def _rss_peak_mb(pid: int) -> float:
@@ -187,7 +206,7 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((workdir / "collector.log").read_text())
                 time.sleep(0.1)
-        cpu0, merge0, t0 = _cpu_s(proc.pid), _merge_cpu_s(proc.pid), time.perf_counter()
+        cpu0, merge0, threads0, t0 = _cpu_s(proc.pid), _merge_cpu_s(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
         q = mp.Queue()
         per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
         procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{grpc_port}", payloads, n, 4, q)) for n in per]
@@ -209,6 +228,7 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                                    + (workdir / "collector.log").read_text()[-3000:])
             time.sleep(0.2)  # the collector answers these polls on the CPU we measure: not too often
         wall, cpu, merge_cpu = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _merge_cpu_s(proc.pid) - merge0
+        own_cpu = _named_cpu_s(threads0, _thread_ticks(proc.pid), CLICKHOUSE_THREADS, invert=True)
         pipeline = _get(f"{api}/api/stats")["pipeline"]
         inserts = pipeline["inserts"]
         lat, errors = [], 0
@@ -227,6 +247,10 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
             # ClickHouse's merges that ran during the run (counted in cpu_s): the baseline's inserts
             # run back to back and are measured before most of theirs
             "merge_cpu_s": round(merge_cpu, 2), "spans_per_cpu_s_without_merges": round(target / max(cpu - merge_cpu, 1e-9)),
+            # the ratio's two sides per span: receiving, logging, checking and encoding (ours: all but
+            # CLICKHOUSE_THREADS) against ClickHouse's inserting and merging (the rest of the process)
+            "own_cpu_us_per_span": round(own_cpu / target * 1e6, 2),
+            "clickhouse_cpu_us_per_span": round((cpu - own_cpu) / target * 1e6, 2),
             "p50_export_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_export_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
             "export_retries": errors, "inserts": inserts, "spans_per_insert": round(target / max(inserts, 1)),
             # exports that waited only in the write-ahead log (memory was at its bound) and were read back
