@@ -114,7 +114,12 @@ class UsageError(Exception):
 def _identity_setup(identity: str | None, token: str | None, token_file: str | None, mtls: str | None,
                     collector: Addr):
     """The workload credential (not yet obtained), its CA client and the inbound mode."""
-    from tracemesh.identity import RotatingCredentials, SpiffeId, SpiffeIdError
+    from tracemesh.identity import (
+        ChildProcessCrypto,
+        RotatingCredentials,
+        SpiffeId,
+        SpiffeIdError,
+    )
 
     if identity is None:
         if mtls not in (None, MTLS_DISABLE):
@@ -137,7 +142,9 @@ def _identity_setup(identity: str | None, token: str | None, token_file: str | N
     if not token:
         raise UsageError("--identity needs a join token (--token or --token-file) for its first certificate")
     client = CaClient(collector, sid, token)
-    creds = RotatingCredentials(sid, client.obtain, max_retry_s=10.0)
+    # the key, CSR and certificate checks run in a short-lived child: cryptography stays out of the
+    # sidecar (~8 MB resident for the process's life)
+    creds = RotatingCredentials(sid, client.obtain, max_retry_s=10.0, crypto=ChildProcessCrypto())
     client.creds = creds
     return creds, client, mtls or MTLS_PERMISSIVE
 

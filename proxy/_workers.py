@@ -64,7 +64,12 @@ import trio
 
 from tracemesh._fs import write_atomic
 from tracemesh._proc import python_cmd
-from tracemesh.identity import CredentialError, RotatingCredentials, SpiffeId
+from tracemesh.identity import (
+    ChildProcessCrypto,
+    CredentialError,
+    RotatingCredentials,
+    SpiffeId,
+)
 from tracemesh.net import Addr, parse_addr
 
 log = logging.getLogger("tracemesh.sidecar.workers")
@@ -272,7 +277,7 @@ class WorkerCredentials(RotatingCredentials):
     the file; the CA is never called."""
 
     def __init__(self, spiffe_id, state_dir: Path, poll_s: float = CRED_POLL_S) -> None:
-        super().__init__(spiffe_id, _refuse_obtain)
+        super().__init__(spiffe_id, _refuse_obtain, crypto=ChildProcessCrypto())
         self.path = Path(state_dir) / CRED_FILE
         self.poll_s = poll_s
         self._stamp: tuple | None = None

@@ -11,7 +11,9 @@ Public surface:
 - :func:`load_pem_certs`, :func:`spiffe_id_of`, :func:`cert_not_after`, :func:`cert_fingerprint`.
 - :func:`server_context`, :func:`client_context`: ``ssl.SSLContext`` objects for mesh mTLS.
 - :func:`peer_spiffe_id`, :func:`authenticate_peer`: who is on the other end of a handshake.
-- :class:`RotatingCredentials` and :class:`Issued`: a workload credential that renews itself.
+- :class:`RotatingCredentials` and :class:`Issued`: a workload credential that renews itself;
+  where it makes its keys and checks certificates: :class:`InProcessCrypto`, or
+  :class:`ChildProcessCrypto` (a short-lived child: the sidecar's choice).
 
 Peers are verified by chain (against the trust bundle, inside the TLS handshake) and by SPIFFE ID
 (after it, with :func:`authenticate_peer`); never by hostname. A root made by the mesh CA also
@@ -37,8 +39,8 @@ if TYPE_CHECKING:  # cryptography is imported where keys and certificates are ma
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
-# cryptography (~9 MB resident) is imported by the functions that use it: a sidecar without an
-# identity never does.
+# cryptography (~9 MB resident) is imported by the functions that use it. A sidecar never does: it
+# runs them in a short-lived child (ChildProcessCrypto, tracemesh/_credhelper.py).
 
 log = logging.getLogger("tracemesh.identity")
 
@@ -283,6 +285,95 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+@dataclass(frozen=True)
+class LeafFacts:
+    """What a credential's checks found out about its leaf certificate (epoch seconds)."""
+
+    not_before: float
+    not_after: float
+
+
+def new_key_and_csr(spiffe_id: SpiffeId | str) -> tuple[bytes, bytes]:
+    """A fresh key (PEM) and a CSR for it naming *spiffe_id*."""
+    key = generate_key()
+    return private_key_pem(key), make_csr(key, spiffe_id)
+
+
+def check_credential(key_pem: bytes, chain_pem: bytes, spiffe_id: SpiffeId, now: float, *,
+                     issued: bool) -> LeafFacts:
+    """Check a key and certificate chain before they are installed: the leaf is for *spiffe_id*,
+    for this key, and not expired at *now*. :class:`CredentialError` says what is wrong, worded
+    for a CA's answer (*issued*) or for a credential handed over."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        leaf = load_pem_certs(chain_pem)[0]
+    except (ValueError, TypeError, IndexError) as exc:
+        raise CredentialError(f"unusable key or certificate chain: {exc}") from exc
+    got = spiffe_id_of(leaf)
+    if got != spiffe_id:
+        raise CredentialError(f"the CA issued a certificate for {got}, not {spiffe_id}" if issued
+                              else f"the certificate is for {got}, not {spiffe_id}")
+    if leaf.public_key() != key.public_key():
+        raise CredentialError("the CA issued a certificate for another key" if issued
+                              else "the certificate is for another key")
+    not_after = cert_not_after(leaf)
+    if not_after.timestamp() <= now:
+        raise CredentialError(f"the CA issued a certificate that expired at {not_after}" if issued
+                              else f"the certificate expired at {not_after}")
+    return LeafFacts(leaf.not_valid_before_utc.timestamp(), not_after.timestamp())
+
+
+class InProcessCrypto:
+    """Keys, CSRs and certificate checks in this process (loads cryptography: ~9 MB resident)."""
+
+    new_key_and_csr = staticmethod(new_key_and_csr)
+    check_credential = staticmethod(check_credential)
+
+
+class ChildProcessCrypto:
+    """The same work in a short-lived child (``python -m tracemesh._credhelper``), so that this
+    process never loads cryptography: a sidecar's only use for it is its own key, CSR and
+    certificate checks, once per certificate, and its resident pages stayed for the process's life
+    (~8 MB of a 57-64 MB mTLS sidecar). Istio splits it the same way: its agent makes the key and
+    CSR, Envoy only receives certificates. A child costs ~0.15 s; the key crosses a pipe, never a
+    file."""
+
+    timeout_s = 60.0
+
+    def _run(self, op: str, doc: dict) -> dict:
+        import json
+        import subprocess
+        import sys
+
+        try:
+            done = subprocess.run([sys.executable, "-m", "tracemesh._credhelper", op], input=json.dumps(doc).encode(),
+                                  capture_output=True, timeout=self.timeout_s, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CredentialError(f"the credential helper did not run: {exc}") from exc
+        try:
+            out = json.loads(done.stdout)
+        except ValueError:
+            out = None
+        if done.returncode != 0 or not isinstance(out, dict):
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise CredentialError(f"the credential helper failed: {tail[0]}")
+        if "error" in out:
+            raise CredentialError(out["error"])
+        return out
+
+    def new_key_and_csr(self, spiffe_id: SpiffeId | str) -> tuple[bytes, bytes]:
+        out = self._run("new", {"spiffe_id": str(spiffe_id)})
+        return out["key"].encode(), out["csr"].encode()
+
+    def check_credential(self, key_pem: bytes, chain_pem: bytes, spiffe_id: SpiffeId, now: float, *,
+                         issued: bool) -> LeafFacts:
+        out = self._run("check", {"key": key_pem.decode(), "chain": chain_pem.decode(), "spiffe_id": str(spiffe_id),
+                                  "now": now, "issued": issued})
+        return LeafFacts(float(out["not_before"]), float(out["not_after"]))
+
+
 # -- mTLS contexts ---------------------------------------------------------------------------------
 
 
@@ -445,7 +536,7 @@ class RotatingCredentials:
 
     def __init__(self, spiffe_id: SpiffeId | str, obtain: Callable[[bytes], Issued], *,
                  renew_fraction: float = DEFAULT_RENEW_FRACTION, max_retry_s: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, crypto=None) -> None:
         if not 0.0 < renew_fraction < 1.0:
             raise ValueError(f"renew_fraction must be between 0 and 1, got {renew_fraction}")
         self.spiffe_id = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
@@ -453,6 +544,8 @@ class RotatingCredentials:
         self._fraction = renew_fraction
         self._max_retry_s = max_retry_s
         self._clock = clock
+        #: where keys are made and certificates checked (InProcessCrypto or ChildProcessCrypto)
+        self.crypto = crypto if crypto is not None else InProcessCrypto()
         self._current: _Snapshot | None = None
         self._alpn_contexts: tuple[_Snapshot, dict] | None = None  # see client_context_alpn
         self._renew_lock = threading.Lock()
@@ -528,42 +621,20 @@ class RotatingCredentials:
         certificate for this identity and key; the current credential then stays in place.
         """
         with self._renew_lock:
-            key = generate_key()
-            key_pem = private_key_pem(key)
-            issued = self._obtain(make_csr(key, self.spiffe_id))
-            certs = load_pem_certs(issued.chain_pem)
-            leaf = certs[0]
-            got = spiffe_id_of(leaf)
-            if got != self.spiffe_id:
-                raise CredentialError(f"the CA issued a certificate for {got}, not {self.spiffe_id}")
-            if leaf.public_key() != key.public_key():
-                raise CredentialError("the CA issued a certificate for another key")
+            key_pem, csr_pem = self.crypto.new_key_and_csr(self.spiffe_id)
+            issued = self._obtain(csr_pem)
             received = self._clock()
-            if cert_not_after(leaf).timestamp() <= received:
-                raise CredentialError(f"the CA issued a certificate that expired at {cert_not_after(leaf)}")
-            self._install(key_pem, issued.chain_pem, issued.bundle_pem, leaf, received=received)
+            facts = self.crypto.check_credential(key_pem, issued.chain_pem, self.spiffe_id, received, issued=True)
+            self._install(key_pem, issued.chain_pem, issued.bundle_pem, facts, received=received)
 
     def install(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> None:
         """Install a key and certificate obtained elsewhere: the supervisor of ``sidecar --workers``
         hands its credential to its workers this way. Checked as :meth:`renew` checks the CA's
         answer (identity, key, expiry); :class:`CredentialError` leaves the current one in place."""
         with self._renew_lock:
-            from cryptography.hazmat.primitives import serialization
-
-            try:
-                key = serialization.load_pem_private_key(key_pem, password=None)
-                leaf = load_pem_certs(chain_pem)[0]
-            except (ValueError, TypeError, IndexError) as exc:
-                raise CredentialError(f"unusable key or certificate chain: {exc}") from exc
-            got = spiffe_id_of(leaf)
-            if got != self.spiffe_id:
-                raise CredentialError(f"the certificate is for {got}, not {self.spiffe_id}")
-            if leaf.public_key() != key.public_key():
-                raise CredentialError("the certificate is for another key")
             received = self._clock()
-            if cert_not_after(leaf).timestamp() <= received:
-                raise CredentialError(f"the certificate expired at {cert_not_after(leaf)}")
-            self._install(key_pem, chain_pem, bundle_pem, leaf, received=received)
+            facts = self.crypto.check_credential(key_pem, chain_pem, self.spiffe_id, received, issued=False)
+            self._install(key_pem, chain_pem, bundle_pem, facts, received=received)
 
     def update_bundle(self, bundle_pem: bytes) -> None:
         """Install a new trust bundle (say, pushed by the control plane during a root rotation)
@@ -575,12 +646,12 @@ class RotatingCredentials:
             self._current = _Snapshot(snap.key_pem, snap.chain_pem, bundle_pem, snap.not_after,
                                       snap.renew_at, server, client)
 
-    def _install(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes, leaf: x509.Certificate,
+    def _install(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes, facts: LeafFacts,
                  received: float) -> None:
-        not_after = cert_not_after(leaf).timestamp()
+        not_after = facts.not_after
         # Counted from receipt, not from notBefore: the CA backdates notBefore for clock skew,
         # and with short lifetimes that backdating would be most of the certificate's life.
-        start = min(max(received, leaf.not_valid_before_utc.timestamp()), not_after)
+        start = min(max(received, facts.not_before), not_after)
         renew_at = start + (not_after - start) * self._fraction
         server = server_context(chain_pem, key_pem, bundle_pem)
         client = client_context(chain_pem, key_pem, bundle_pem)

@@ -14,7 +14,9 @@ from idhelpers import API, WEB, issue, s_client
 
 from tracemesh.collector._ca import MeshCA
 from tracemesh.identity import (
+    ChildProcessCrypto,
     CredentialError,
+    InProcessCrypto,
     Issued,
     RotatingCredentials,
     authenticate_peer,
@@ -166,8 +168,11 @@ def test_workload_rotation_under_load_has_zero_failed_handshakes(tmp_path, opens
     assert server.failures == client.failures == 0
 
 
-def test_renewal_is_scheduled_at_half_life_and_checked(ca):
-    creds = RotatingCredentials(WEB, obtainer(ca, WEB))
+@pytest.mark.parametrize("crypto", [InProcessCrypto(), ChildProcessCrypto()], ids=["in-process", "child-process"])
+def test_renewal_is_scheduled_at_half_life_and_checked(ca, crypto):
+    # the sidecar makes its keys and checks what the CA answers in a short-lived child
+    # (ChildProcessCrypto): the same checks, the same words
+    creds = RotatingCredentials(WEB, obtainer(ca, WEB), crypto=crypto)
     assert not creds.ready
     with pytest.raises(CredentialError, match="no certificate yet"):
         creds.server_context  # noqa: B018
@@ -181,17 +186,17 @@ def test_renewal_is_scheduled_at_half_life_and_checked(ca):
     # An answer for another identity or another key is refused, and the current credential stays.
     other = RotatingCredentials(API, obtainer(ca, API))
     other.renew()
-    bad = RotatingCredentials(WEB, lambda csr: Issued(other.chain_pem, ca.bundle_pem()))
+    bad = RotatingCredentials(WEB, lambda csr: Issued(other.chain_pem, ca.bundle_pem()), crypto=crypto)
     with pytest.raises(CredentialError, match="for spiffe://cluster.local/ns/default/sa/api"):
         bad.renew()
     token = ca.create_token(WEB)
     stolen = ca.issue(_csr_for_new_key(), token)
-    wrong_key = RotatingCredentials(WEB, lambda csr: Issued(stolen, ca.bundle_pem()))
+    wrong_key = RotatingCredentials(WEB, lambda csr: Issued(stolen, ca.bundle_pem()), crypto=crypto)
     with pytest.raises(CredentialError, match="another key"):
         wrong_key.renew()
     yesterday = datetime.now(timezone.utc) - timedelta(days=1)
     expired = RotatingCredentials(WEB, lambda csr: Issued(
-        ca.issue(csr, ca.create_token(WEB), ttl=timedelta(hours=1), _now=yesterday), ca.bundle_pem()))
+        ca.issue(csr, ca.create_token(WEB), ttl=timedelta(hours=1), _now=yesterday), ca.bundle_pem()), crypto=crypto)
     with pytest.raises(CredentialError, match="expired"):
         expired.renew()
     assert creds.server_context is first
@@ -202,6 +207,18 @@ def test_renewal_is_scheduled_at_half_life_and_checked(ca):
     ca.rotate()
     creds.update_bundle(ca.bundle_pem())
     assert len(load_pem_certs(creds.bundle_pem)) == 2 and creds.generation == 2
+
+
+def test_a_credential_helper_that_fails_is_a_credential_error():
+    with pytest.raises(CredentialError, match="the credential helper failed: .*unknown operation 'bogus'"):
+        ChildProcessCrypto()._run("bogus", {})
+    with pytest.raises(CredentialError, match="not a SPIFFE ID|spiffe"):
+        ChildProcessCrypto().new_key_and_csr("not-an-id")
+    key_pem, csr_pem = ChildProcessCrypto().new_key_and_csr(WEB)  # what the CA is sent
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid and b"PRIVATE KEY" in key_pem
+    assert csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier) == [str(WEB)]
 
 
 def _csr_for_new_key() -> bytes:
