@@ -151,11 +151,6 @@ def _named_cpu_s(before: dict, after: dict, prefixes: tuple[str, ...], *, invert
     return ticks / CLK_TCK
 
 
-def _merge_cpu_s(pid: int) -> float:
-    """CPU of the process's ClickHouse merge threads (named ``MergeMutate``), all their life."""
-    return _named_cpu_s({}, _thread_ticks(pid), ("MergeMutate",))
-
-
 #: Thread names of ClickHouse's (chdb's) pools. Every other thread is the collector's own: Python's
 #: threads keep the process's name, grpcio and Trio name theirs. ClickHouse's pools start and end
 #: threads as they go, so its share is the process's CPU less the collector's own (long-lived) threads.
@@ -206,7 +201,7 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((workdir / "collector.log").read_text())
                 time.sleep(0.1)
-        cpu0, merge0, threads0, t0 = _cpu_s(proc.pid), _merge_cpu_s(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
+        cpu0, threads0, t0 = _cpu_s(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
         q = mp.Queue()
         per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
         procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{grpc_port}", payloads, n, 4, q)) for n in per]
@@ -227,8 +222,9 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                 raise RuntimeError(f"the collector did not store the spans in time: {st}\n"
                                    + (workdir / "collector.log").read_text()[-3000:])
             time.sleep(0.2)  # the collector answers these polls on the CPU we measure: not too often
-        wall, cpu, merge_cpu = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _merge_cpu_s(proc.pid) - merge0
-        own_cpu = _named_cpu_s(threads0, _thread_ticks(proc.pid), CLICKHOUSE_THREADS, invert=True)
+        wall, cpu, threads1 = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _thread_ticks(proc.pid)
+        merge_cpu = _named_cpu_s(threads0, threads1, ("MergeMutate",))  # ClickHouse's merges
+        own_cpu = _named_cpu_s(threads0, threads1, CLICKHOUSE_THREADS, invert=True)
         pipeline = _get(f"{api}/api/stats")["pipeline"]
         inserts = pipeline["inserts"]
         lat, errors = [], 0
@@ -293,7 +289,7 @@ for i in range(0, n_exports, batch):  # the rows already encoded, as a collector
         encode_traces(req, cols)
     streams.append((len(cols), _arrow_stream(spans_to_arrow(cols))))
 import os
-def merge_cpu():  # this process's ClickHouse merge threads, as _merge_cpu_s
+def merge_cpu():  # this process's ClickHouse merge threads (named MergeMutate)
     total = 0
     for t in os.listdir("/proc/self/task"):
         try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tracemesh._fs import fsync_dir
+from tracemesh._fs import fsync_dir, write_all
 
 try:  # zlib's CRC-32, 4x faster where the CPU folds with PCLMULQDQ (collector/_crc32.c)
     from tracemesh.collector._crc32 import crc32
@@ -62,14 +62,9 @@ def _write_all(fd: int, head: bytes, payload: bytes) -> None:
     """*head* then *payload*, in one writev when the kernel takes it all (it does, for a file)."""
     done = os.writev(fd, (head, payload))
     if done < len(head):
-        _write_view(fd, memoryview(head)[done:])
+        write_all(fd, memoryview(head)[done:])
         done = len(head)
-    _write_view(fd, memoryview(payload)[done - len(head):])
-
-
-def _write_view(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, memoryview(payload)[done - len(head):])
 
 
 def _crc(seq: int, kind: int, payload: bytes) -> int:

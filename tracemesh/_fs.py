@@ -16,6 +16,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data) -> None:
+    """Write all of *data* (bytes-like) to *fd*, however many writes the kernel makes of it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
     """Write beside, fsync, rename over, fsync the directory: readers see old or new, whole."""
     path = Path(path)
@@ -23,9 +30,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Non
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)  # the umask may have taken bits off; it can't have added any
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -35,6 +35,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tracemesh._fs import write_all
+
 if TYPE_CHECKING:  # cryptography is imported where keys and certificates are made (not by every sidecar)
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -377,12 +379,6 @@ class ChildProcessCrypto:
 # -- mTLS contexts ---------------------------------------------------------------------------------
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
     """``load_cert_chain`` from memory. ssl only reads files, so the PEM goes into anonymous
     memory files (memfd, never on disk) where Linux has them, else into a 0700 temporary
@@ -392,8 +388,8 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
             fds = [os.memfd_create("tracemesh-cert", os.MFD_CLOEXEC),
                    os.memfd_create("tracemesh-key", os.MFD_CLOEXEC)]
             try:
-                _write_all(fds[0], chain_pem)
-                _write_all(fds[1], key_pem)
+                write_all(fds[0], chain_pem)
+                write_all(fds[1], key_pem)
                 ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
             finally:
                 for fd in fds:
@@ -404,7 +400,7 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
                 for path, data in ((cert_path, chain_pem), (key_path, key_pem)):
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
-                        _write_all(fd, data)
+                        write_all(fd, data)
                     finally:
                         os.close(fd)
                 ctx.load_cert_chain(str(cert_path), str(key_path))
