@@ -12,7 +12,11 @@ wait only there (memory is bounded) and are read back when their turn comes. Mea
   ``--records`` records (the log reopened each time, so its segments are mapped afresh; their pages
   are in the page cache, as a collector's recent writes are), holding up to 200 at a time (a run of
   the pipeline), then dropping them together, as the pipeline does after an insert;
-- ``append``: ``WAL.append`` with group commit off (``sync=False``: the CPU, not the disk).
+- ``append``: ``WAL.append`` with group commit off (``sync=False``: the CPU, not the disk);
+- ``append_synced``: ``WAL.append`` with each record synced, records released 4 behind as a
+  pipeline stores them, segments of 8 records: into segments started in released files written
+  over (``SPARE_SEGMENTS``, the log's default) against new files each time (``spare_segments=0``,
+  the baseline).
 
 CPU per record comes from ``getrusage`` (user and system separately: the copy's cost is page
 faults, which is system time). Prints one JSON document.
@@ -98,6 +102,28 @@ def main() -> None:
                     if len(held) >= HELD:
                         held.clear()
             return go
+
+        def appends(spares: int):
+            def go():
+                wal = WAL(Path(tmp) / f"sync{spares}-{len(reused)}", sync=True, spare_segments=spares,
+                          segment_bytes=8 * (len(data) + 64))
+                for i in range(n):
+                    seq = wal.append(1, data)
+                    if seq > 4:
+                        wal.release(seq - 4)
+                reused.append(wal.reused_segments)
+                wal.close()
+            return go
+
+        runs = {"reused": [], "new": []}
+        reused: list[int] = []
+        for _ in range(reps):
+            for name, spares in (("reused", _wal.SPARE_SEGMENTS), ("new", 0)):
+                runs[name].append(_measure(appends(spares), n))
+        mid = {k: sorted(v, key=lambda m: m["cpu_us_per_record"])[len(v) // 2] for k, v in runs.items()}
+        out["append_synced"] = {"reused_files": mid["reused"], "new_files": mid["new"], "segments_reused": max(reused),
+                                "cpu_ratio_to_new": round(mid["reused"]["cpu_us_per_record"]
+                                                          / max(mid["new"]["cpu_us_per_record"], 1e-9), 3)}
 
         runs = {"read_view": [], "read": []}
         for _ in range(reps):

@@ -320,8 +320,7 @@ class Pipeline:
             while True:
                 t0 = time.perf_counter()
                 try:
-                    for table, batch in tables.items():
-                        self._insert(table, batch, f"{self.wal.epoch}:{first}-{last}:{table}")
+                    self._store(tables, first, last)
                 except Exception as exc:
                     self.stats.insert_errors += 1
                     self.stats.storage_ok = False
@@ -337,16 +336,22 @@ class Pipeline:
                     continue
                 break
             dt = time.perf_counter() - t0
+            by_table = {table: len(b) for table, b in tables.items()}
+            held = sum(e.rows for e in run if e.batches is not None)
+            spooled = sum(e.batches is None for e in run)
+            # what was read back holds views of the log's pages (_merge extends the first batch with
+            # them): dropped before the release, so the log can write over their segments
+            del tables
+            for e in run:
+                e.batches = e.light = None
             self.wal.release(last)
             with self._cond:
                 self._forced = None
                 for e in run:
                     del self._pending[e.seq]
                     self._pending_rows -= e.rows
-                    if e.batches is not None:
-                        self._memory_rows -= e.rows
-                    else:
-                        self.stats.spooled_records -= 1
+                self._memory_rows -= held
+                self.stats.spooled_records -= spooled
                 self._next = last + 1
                 st = self.stats
                 st.storage_ok = True
@@ -354,9 +359,14 @@ class Pipeline:
                 st.insert_seconds += dt
                 st.last_insert_ms = dt * 1000
                 st.stored_rows += rows
-                for table, b in tables.items():
-                    st.stored_by_table[table] = st.stored_by_table.get(table, 0) + len(b)
+                for table, n in by_table.items():
+                    st.stored_by_table[table] = st.stored_by_table.get(table, 0) + n
                 self._cond.notify_all()
+
+    def _store(self, tables: dict, first: int, last: int) -> None:
+        # a function of its own: no loop variable outlives the insert holding a batch (see _run)
+        for table, batch in tables.items():
+            self._insert(table, batch, f"{self.wal.epoch}:{first}-{last}:{table}")
 
     def wait_stored(self, seq: int, timeout: float) -> bool:
         """True once record *seq* is stored (used by tests and at shutdown)."""

@@ -8,7 +8,13 @@ everything written so far with the lock released, and wakes the others; under lo
 
 Opening scans the segments; a torn or corrupt tail (a crash mid-write) is cut off at the last
 whole record, so every record that was acknowledged (synced) survives and nothing half-written is
-replayed. Segments whose records are all stored are deleted by :meth:`WAL.release`.
+replayed. Segments whose records are all stored are released by :meth:`WAL.release`: up to
+:data:`SPARE_SEGMENTS` of them are kept as ``<n>.spare`` files and written over as later segments
+(as PostgreSQL recycles its WAL files), the rest deleted. Writing over pages that the page cache and
+the filesystem already hold costs about half what writing a new file does (no page or block
+allocation, no deletion). A reused file holds its old records after the new ones until it is
+closed, rotated or cut at the next open; they are never read: every record carries its sequence
+number, and the scan stops at the first one older than the records before it.
 
 Thread-safe. Not async: receivers run in grpcio's threads and in worker threads of Trio.
 """
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tracemesh._fs import fsync_dir, write_all
+from tracemesh._fs import fsync_dir
 
 try:  # zlib's CRC-32, 4x faster where the CPU folds with PCLMULQDQ (collector/_crc32.c)
     from tracemesh.collector._crc32 import crc32
@@ -39,8 +45,13 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 MAX_BYTES = 1024 * 1024 * 1024
 #: A single record larger than this is refused (the receivers' message limit is lower).
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+#: Released segments kept to be written over as later segments (each up to SEGMENT_BYTES on disk).
+#: 400 KB appends, 4 to a sync: 180-189 us of CPU each into new files, 70-75 into reused ones
+#: (2026-11-27; benchmarks/wal.py measures both).
+SPARE_SEGMENTS = 2
 _HEADER = struct.Struct("<IIQB")
 _SUFFIX = ".wal"
+_SPARE = ".spare"
 
 
 class WALFull(Exception):
@@ -58,13 +69,22 @@ class _Loc:
     length: int  # payload length
 
 
-def _write_all(fd: int, head: bytes, payload: bytes) -> None:
-    """*head* then *payload*, in one writev when the kernel takes it all (it does, for a file)."""
-    done = os.writev(fd, (head, payload))
-    if done < len(head):
-        write_all(fd, memoryview(head)[done:])
-        done = len(head)
-    write_all(fd, memoryview(payload)[done - len(head):])
+def _write_all(fd: int, head: bytes, payload: bytes, offset: int) -> None:
+    """*head* then *payload* at *offset*, in one pwritev when the kernel takes it all (it does, for
+    a file); after a short write, the rest in order."""
+    done = os.pwritev(fd, (head, payload), offset)
+    while done < len(head) + len(payload):
+        rest = memoryview(head)[done:] if done < len(head) else memoryview(payload)[done - len(head):]
+        done += os.pwrite(fd, rest, offset + done)
+
+
+def _closed(m: mmap.mmap) -> bool:
+    """Close *m* unless a view of it is held; whether it is closed."""
+    try:
+        m.close()
+    except BufferError:  # exported: a view is still held
+        return False
+    return True
 
 
 def _crc(seq: int, kind: int, payload: bytes) -> int:
@@ -73,20 +93,24 @@ def _crc(seq: int, kind: int, payload: bytes) -> int:
 
 class WAL:
     def __init__(self, directory: str | os.PathLike, *, segment_bytes: int = SEGMENT_BYTES,
-                 max_bytes: int = MAX_BYTES, sync: bool = True) -> None:
+                 max_bytes: int = MAX_BYTES, sync: bool = True, spare_segments: int = SPARE_SEGMENTS) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._segment_bytes = segment_bytes
         self._max_bytes = max_bytes
         self._sync = sync
+        self._max_spares = spare_segments
+        self._spares: list[Path] = []  # released segment files to write over, see SPARE_SEGMENTS
+        self.reused_segments = 0  # segments started in a spare rather than a new file
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._index: dict[int, _Loc] = {}
-        self._maps: dict[Path, mmap.mmap] = {}  # read_view's mappings of segments, by path
+        self._maps: dict[Path, list[mmap.mmap]] = {}  # read_view's mappings of segments, newest last
         self._maps_lock = threading.Lock()
         self._segments: list[tuple[int, Path]] = []  # (first seq, path), oldest first
         self._bytes = 0
         self.truncated_bytes = 0  # cut off a torn tail at open
+        self.stale_bytes = 0  # cut off at open after the last record: a reused segment's old records
         self.epoch = self._epoch()
         self._recover()
         self._syncing = False
@@ -111,6 +135,10 @@ class WAL:
             return epoch
 
     def _recover(self) -> None:
+        spares = sorted(self.dir.glob("*" + _SPARE))
+        self._spares, extra = spares[:self._max_spares], spares[self._max_spares:]
+        for path in extra:
+            path.unlink(missing_ok=True)
         files = sorted(self.dir.glob("*" + _SUFFIX), key=lambda p: int(p.stem))
         next_seq = 1
         for i, path in enumerate(files):
@@ -120,24 +148,33 @@ class WAL:
             with open(path, "rb") as f:
                 data = f.read()
             pos = 0
+            stale = False  # the scan ended at a whole record older than the ones before it
             while pos + _HEADER.size <= len(data):
                 length, crc, seq, kind = _HEADER.unpack_from(data, pos)
                 end = pos + _HEADER.size + length
                 if length > MAX_RECORD_BYTES or end > len(data):
                     break
                 payload = data[pos + _HEADER.size:end]
-                if _crc(seq, kind, payload) != crc or seq < next_seq:
+                if _crc(seq, kind, payload) != crc:
+                    break
+                if seq < next_seq:  # written before this file was reused (or a stray copy): not ours
+                    stale = True
                     break
                 self._index[seq] = _Loc(path, pos + _HEADER.size, length)
                 next_seq = seq + 1
                 pos = valid_end = end
             if valid_end < len(data):
                 cut = len(data) - valid_end
-                self.truncated_bytes += cut
-                if i < len(files) - 1:
+                if stale:
+                    self.stale_bytes += cut
+                    log.info("WAL: %s reused a released segment; its %d bytes of older records are cut", path, cut)
+                elif i < len(files) - 1:
+                    self.truncated_bytes += cut
                     log.error("WAL segment %s is corrupt after byte %d; %d bytes cut", path, valid_end, cut)
                 else:
-                    log.warning("WAL: cut a torn tail of %d bytes from %s (a crash mid-write)", cut, path)
+                    self.truncated_bytes += cut
+                    log.warning("WAL: cut %d bytes after the last whole record of %s (a crash mid-write, "
+                                "or a reused segment's older contents)", cut, path)
                 with open(path, "r+b") as f:
                     f.truncate(valid_end)
                     os.fsync(f.fileno())
@@ -146,18 +183,41 @@ class WAL:
         self.next_seq = next_seq
         if self._segments:
             path = self._segments[-1][1]
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self._fd = os.open(path, os.O_WRONLY)
             self._seg_size = os.path.getsize(path)
+            self._reused = False  # cut to its last record above
         else:
             self._open_segment(next_seq)
 
     def _open_segment(self, first_seq: int) -> None:
+        """Start the segment named *first_seq*: in a spare when there is one, else a new file. Its
+        name is durable before anything is written to it."""
         path = self.dir / f"{first_seq:020d}{_SUFFIX}"
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._reused = bool(self._spares)  # then the file holds older records past what is written
+        if self._reused:
+            os.rename(self._spares.pop(), path)
+            self.reused_segments += 1
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         self._seg_size = 0
         self._segments.append((first_seq, path))
         if self._sync:
             fsync_dir(self.dir)
+
+    def _retire(self, path: Path) -> int:
+        """A released segment's file: kept as a spare while there is room, else deleted. Returns its
+        size (what the log no longer holds)."""
+        reusable = self._unmap(path)
+        try:
+            size = path.stat().st_size
+            if reusable and len(self._spares) < self._max_spares:
+                spare = path.with_suffix(_SPARE)  # named as the segment was: unique
+                os.rename(path, spare)  # not synced: after a crash it may be back as a segment of stored records
+                self._spares.append(spare)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            size = 0
+        return size
 
     # -- appending ---------------------------------------------------------------------------
 
@@ -192,7 +252,7 @@ class WAL:
             seq = self.next_seq
             head = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind)
             offset = self._seg_size
-            _write_all(self._fd, head, payload)  # not head + payload: that copies an export (~400 KB)
+            _write_all(self._fd, head, payload, offset)  # not head + payload: that copies an export (~400 KB)
             self.next_seq = seq + 1
             self._seg_size += reclen
             self._bytes += reclen
@@ -223,6 +283,8 @@ class WAL:
 
     def _rotate(self) -> None:
         """Close the active segment (synced) and start the next; lock held, no leader syncing."""
+        if self._reused:  # its older records go: only the last segment may have a tail
+            os.ftruncate(self._fd, self._seg_size)
         if self._sync:
             os.fdatasync(self._fd)
         self.syncs += 1
@@ -246,15 +308,17 @@ class WAL:
         """As :meth:`read`, the payload a read-only view of the segment's mapping (the page cache's
         own pages) instead of a copy: reading a spooled record back costs no fresh memory (a copy
         took ~320 us of a 400 KB export here, nearly all of it first-touch page faults). The view
-        stays valid after the record is released and its segment deleted."""
+        stays valid after the record is released: a segment of which views are still held when it is
+        released is deleted, not reused (see :meth:`_unmap`)."""
         loc = self._index[seq]
         start, end = loc.offset - _HEADER.size, loc.offset + loc.length
-        with self._maps_lock:
-            m = self._maps.get(loc.segment)
-            if m is None or len(m) < end:  # the active segment has grown since it was mapped
+        with self._maps_lock:  # views are taken under the lock: _unmap closes what none holds
+            maps = self._maps.setdefault(loc.segment, [])
+            if not maps or len(maps[-1]) < end:  # the active segment has grown since it was mapped
+                maps[:] = [m for m in maps if not _closed(m)]  # older mappings no view holds go
                 with open(loc.segment, "rb") as f:
-                    m = self._maps[loc.segment] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        record = memoryview(m)[start:end]
+                    maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            record = memoryview(maps[-1])[start:end]
         payload = record[_HEADER.size:]
         return self._checked(seq, loc, record[:_HEADER.size], payload), payload
 
@@ -267,10 +331,13 @@ class WAL:
             raise IOError(f"WAL record {seq} in {loc.segment} fails its checksum")
         return kind
 
-    def _unmap(self, path: Path) -> None:
-        """Forget the mapping of a deleted segment (views still held keep it alive until they go)."""
+    def _unmap(self, path: Path) -> bool:
+        """Forget the mappings of a segment being released. False when views of it are still held:
+        they keep their mapping alive until they go, and the file must not be written over."""
         with self._maps_lock:
-            self._maps.pop(path, None)
+            maps = self._maps.pop(path, [])
+            closed = [_closed(m) for m in maps]  # every one tried, not up to the first held
+        return all(closed)
 
     def seqs(self, start: int = 1) -> Iterator[int]:
         """Sequence numbers still held, from *start*, in order."""
@@ -284,13 +351,7 @@ class WAL:
                 del self._index[s]
             while len(self._segments) > 1 and self._segments[1][0] <= through_seq + 1:
                 _, path = self._segments.pop(0)
-                self._unmap(path)
-                try:
-                    size = path.stat().st_size
-                    path.unlink()
-                except FileNotFoundError:
-                    size = 0
-                freed += size
+                freed += self._retire(path)
             self._bytes -= freed
             while self._syncing:
                 self._cond.wait()
@@ -298,8 +359,7 @@ class WAL:
                 # everything is stored: restart the active segment empty rather than let it grow
                 os.close(self._fd)
                 _, path = self._segments.pop()
-                self._unmap(path)
-                path.unlink(missing_ok=True)
+                self._retire(path)
                 self._bytes -= self._seg_size
                 freed += self._seg_size
                 self._open_segment(self.next_seq)
@@ -312,6 +372,8 @@ class WAL:
             self._closed = True
             while self._syncing:
                 self._cond.wait()
+            if self._reused:  # its older records: no tail to cut at the next open
+                os.ftruncate(self._fd, self._seg_size)
             if self._sync:
                 os.fdatasync(self._fd)
             os.close(self._fd)
