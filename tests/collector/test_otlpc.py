@@ -300,10 +300,12 @@ def _request_with_value(value: bytes) -> bytes:
     return _ld(1, _ld(2, _ld(2, span)))
 
 
-_KEYS = [b"", b"k", b"service.name", b"x" * 127, b"x" * 128, "é".encode(), b"\xff", b"ok\xed\xa0\x80"]
+_KEYS = [b"", b"k", b"service.name", b"x" * 127, b"x" * 128, "é".encode(), b"\xff", b"ok\xed\xa0\x80",
+         b"service.nam\xff", "host.namé".encode()]
 _VALUES = [
     b"", _ld(1, b""), _ld(1, b"GET"), _ld(1, b"v" * 125), _ld(1, b"v" * 126), _ld(1, b"v" * 200),
-    _ld(1, "ü€😀".encode()), _ld(1, b"\xc0\x80"), _ld(1, b"bad\xf4\x90\x80\x80"),
+    _ld(1, "ü€😀".encode()), _ld(1, b"\xc0\x80"), _ld(1, b"bad\xf4\x90\x80\x80"), _ld(1, b"abcdefghij\xc0\x80"),
+    _ld(1, b"abcdefg\xffhijklmno"), _ld(1, b"ab\x80d"), _ld(1, b"x" * 17 + b"\xff"),
     b"\x10\x01", b"\x10\x00", b"\x10" + b"\xff" * 9 + b"\x01", b"\x18\x05", b"\x18\x96\x01",
     b"\x18" + b"\xff" * 9 + b"\x01", b"\x18" + b"\xff" * 10 + b"\x01", b"\x18\xff", b"\x18",
     b"\x21" + struct.pack("<d", 1.5), b"\x21" + b"\x00" * 7, _ld(7, b"\xff\xfe"),
