@@ -259,6 +259,18 @@ def test_batches_kept_as_bytes_weigh_less_so_their_inserts_are_larger(store, otl
         p.close(5)
 
 
+def spooled_then_stored(p: Pipeline, storage: Storage, otlp, n: int) -> list[bytes]:
+    """*n* native exports of 5 spans, submitted while storage waits (with max_memory_rows=1 all but
+    one wait only in the log), then stored; their trace ids."""
+    storage.gate.clear()
+    tids = [os.urandom(16) for _ in range(n)]
+    seqs = [native_submit(p, otlp, t, 5) for t in tids]
+    assert p.stats.spooled_records >= n - 1
+    storage.gate.set()
+    assert p.wait_stored(seqs[-1], WAIT_S)
+    return tids
+
+
 def test_spooled_native_batches_are_rebuilt_from_the_log_without_parsing_again(store, otlp, tmp_path):
     storage = Storage(store)
     decoded = []
@@ -269,12 +281,7 @@ def test_spooled_native_batches_are_rebuilt_from_the_log_without_parsing_again(s
 
     p = Pipeline(WAL(tmp_path / "wal"), storage, decode, flush_interval=0.05, max_memory_rows=1)
     try:
-        storage.gate.clear()
-        tids = [os.urandom(16) for _ in range(6)]
-        seqs = [native_submit(p, otlp, t, 5) for t in tids]
-        assert p.stats.spooled_records >= 5
-        storage.gate.set()
-        assert p.wait_stored(seqs[-1], WAIT_S)
+        tids = spooled_then_stored(p, storage, otlp, 6)
         assert count(store, tids) == {t.hex(): 5 for t in tids}
         assert decoded == [] and p.stats.spooled_records == 0
     finally:
@@ -290,13 +297,7 @@ def test_segments_read_back_are_written_over_once_stored(store, otlp, tmp_path):
     try:
         tids = []
         for _ in range(4):
-            storage.gate.clear()
-            round_tids = [os.urandom(16) for _ in range(8)]
-            seqs = [native_submit(p, otlp, t, 5) for t in round_tids]
-            assert p.stats.spooled_records >= 7
-            storage.gate.set()
-            assert p.wait_stored(seqs[-1], WAIT_S)
-            tids += round_tids
+            tids += spooled_then_stored(p, storage, otlp, 8)
         assert count(store, tids) == {t.hex(): 5 for t in tids}
         assert p.stats.read_back_records >= 28 and p.wal.reused_segments >= 4
         assert len(list((tmp_path / "wal").glob("*.spare"))) <= 2
