@@ -3,7 +3,7 @@ without a Python object per span.
 
 With the C extension (``_otlpc``, collector/_otlpc.c, built at install when a compiler is there):
 the receiver checks each request on its bytes (``_otlpc.check``: the same refusals and messages as
-:func:`_span_problem`, ~0.4 µs a span against ~2.6-3 µs for upb and Python; measured on
+:func:`_span_problem`, ~0.33 µs a span against ~2.6-3 µs for upb and Python; measured on
 benchmarks/collector.py's spans), and the writer turns a whole batch into one ClickHouse ``Native``
 block (``_otlpc.encode``, ~0.9 µs a span, as the payloads were checked on arrival; ~1.05 µs when it
 validates them again) that chdb inserts into ``otel_traces`` as it is: no planning, no SQL

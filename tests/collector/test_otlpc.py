@@ -306,6 +306,9 @@ _VALUES = [
     b"", _ld(1, b""), _ld(1, b"GET"), _ld(1, b"v" * 125), _ld(1, b"v" * 126), _ld(1, b"v" * 200),
     _ld(1, "ü€😀".encode()), _ld(1, b"\xc0\x80"), _ld(1, b"bad\xf4\x90\x80\x80"), _ld(1, b"abcdefghij\xc0\x80"),
     _ld(1, b"abcdefg\xffhijklmno"), _ld(1, b"ab\x80d"), _ld(1, b"x" * 17 + b"\xff"),
+    # 17-64 bytes: words OR-ed together, the last one overlapping; a bad byte in each word's place
+    *(_ld(1, b"y" * i + b"\xc3" + b"z" * (n - i - 1)) for n in (23, 40, 64) for i in (0, 5, 8, 13, n - 9, n - 1)),
+    _ld(1, "https://catalog.default.svc/ü".encode()), _ld(1, b"w" * 65 + b"\xe2\x82"),
     b"\x10\x01", b"\x10\x00", b"\x10" + b"\xff" * 9 + b"\x01", b"\x18\x05", b"\x18\x96\x01",
     b"\x18" + b"\xff" * 9 + b"\x01", b"\x18" + b"\xff" * 10 + b"\x01", b"\x18\xff", b"\x18",
     b"\x21" + struct.pack("<d", 1.5), b"\x21" + b"\x00" * 7, _ld(7, b"\xff\xfe"),
