@@ -386,14 +386,16 @@ static inline __attribute__((always_inline)) int utf8_short(const uint8_t *s, si
     return utf8_ok(s, n);
 }
 
-/* A KeyValue in its common shape, checked straight through: a key (field 1), then a value (field 2)
- * holding nothing or one string, bool, int or double, every length under 128. 1: valid, exactly as
- * validate() would find it; 0: another shape, or invalid: validate() decides (and words the error).
- * Most of a span's fields are its attributes'; checking benchmarks/collector.py's requests went from
- * 0.63-0.65 to 0.51-0.52 us a span with this, to 0.41-0.43 with utf8_short up to 16 bytes and to
- * 0.31-0.33 up to 64 (2026-11-27, 3 alternated pairs each). */
-static inline __attribute__((always_inline)) int kv_fast(const uint8_t *p, const uint8_t *e) {
-    size_t n = (size_t)(e - p);
+/* a slice of the request's bytes */
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} sv;
+
+/* The framing of a KeyValue in its common shape: a key (field 1), then a value (field 2) that ends
+ * the KeyValue, both lengths under 128. 1 with the key's bytes and the value's (an AnyValue's
+ * fields); 0 for any other framing. Reads only within [p, p + n). */
+static inline __attribute__((always_inline)) int kv_frame(const uint8_t *p, size_t n, sv *key, sv *val) {
     if (n < 4 || p[0] != 0x0A || p[1] >= 0x80)
         return 0;
     size_t kn = p[1];
@@ -403,7 +405,25 @@ static inline __attribute__((always_inline)) int kv_fast(const uint8_t *p, const
     size_t an = n - 4 - kn; /* the value must end the KeyValue */
     if (v[0] != 0x12 || v[1] >= 0x80 || (size_t)v[1] != an)
         return 0;
-    const uint8_t *a = v + 2;
+    key->p = p + 2;
+    key->n = kn;
+    val->p = v + 2;
+    val->n = an;
+    return 1;
+}
+
+/* A KeyValue in its common shape (kv_frame), its value holding nothing or one string, bool, int or
+ * double, checked straight through. 1: valid, exactly as validate() would find it; 0: another
+ * shape, or invalid: validate() decides (and words the error). Most of a span's fields are its
+ * attributes'; checking benchmarks/collector.py's requests went from 0.63-0.65 to 0.51-0.52 us a
+ * span with this, to 0.41-0.43 with utf8_short up to 16 bytes and to 0.31-0.33 up to 64
+ * (2026-11-27, 3 alternated pairs each). */
+static inline __attribute__((always_inline)) int kv_fast(const uint8_t *p, const uint8_t *e) {
+    sv key, val;
+    if (!kv_frame(p, (size_t)(e - p), &key, &val))
+        return 0;
+    const uint8_t *a = val.p;
+    size_t an = val.n;
     if (an) {
         switch (a[0]) {
         case 0x0A: /* string_value */
@@ -426,7 +446,7 @@ static inline __attribute__((always_inline)) int kv_fast(const uint8_t *p, const
             return 0;
         }
     }
-    return utf8_short(p + 2, kn);
+    return utf8_short(key.p, key.n);
 }
 
 /* Validate the fields from *pp to end as message type m (M_NONE: the contents of an unknown group,
@@ -516,11 +536,6 @@ static int validate(vctx *c, int m, const uint8_t **pp, const uint8_t *end, int 
 
 /* ------------------------------------------------------------------------------------------ */
 /* pass 2: reading validated bytes                                                            */
-
-typedef struct {
-    const uint8_t *p;
-    size_t n;
-} sv;
 
 /* The readers below never read past `end`, whatever the bytes: encode(..., checked=True) walks
  * payloads without validating them again, and what is malformed then ends a message early or
@@ -1175,22 +1190,14 @@ static inline int key_eq(const ent_t *a, const ent_t *b) {
     return a->sig == b->sig && a->key.n == b->key.n && (a->key.n == 0 || !memcmp(a->key.p, b->key.p, a->key.n));
 }
 
-/* one KeyValue occurrence, rendered, appended to the map (deduplicated by map_dedup) */
-/* kv_parse for the common shape (see kv_fast): a key, then a value holding nothing, one string or
- * one int, short lengths; 0 for anything else (kv_parse then reads it). Same key and value as
- * kv_parse gives for these bytes. */
+/* kv_parse for the common shape (kv_frame), its value holding nothing, one string or one int; 0
+ * for anything else (kv_parse then reads it). Same key and value as kv_parse gives for these bytes. */
 static inline __attribute__((always_inline)) int kv_common(sv kv, sv *key, anyval *a) {
-    const uint8_t *p = kv.p;
-    size_t n = kv.n;
-    if (n < 4 || p[0] != 0x0A || p[1] >= 0x80)
+    sv k, val;
+    if (!kv_frame(kv.p, kv.n, &k, &val))
         return 0;
-    size_t kn = p[1];
-    if (n < 4 + kn)
-        return 0;
-    const uint8_t *v = p + 2 + kn, *av = v + 2;
-    size_t an = n - 4 - kn;
-    if (v[0] != 0x12 || v[1] >= 0x80 || (size_t)v[1] != an)
-        return 0;
+    const uint8_t *av = val.p;
+    size_t an = val.n;
     if (!an) {
         a->which = AV_NONE;
     } else if (av[0] == 0x0A && an >= 2 && av[1] < 0x80 && (size_t)av[1] == an - 2) {
@@ -1206,11 +1213,11 @@ static inline __attribute__((always_inline)) int kv_common(sv kv, sv *key, anyva
     } else {
         return 0;
     }
-    key->p = p + 2;
-    key->n = kn;
+    *key = k;
     return 1;
 }
 
+/* one KeyValue occurrence, rendered, appended to the map (deduplicated by map_dedup) */
 static void map_add(mapbuild *m, sv kv, int *oom) {
     if (m->n == m->cap) {
         size_t nc = m->cap ? m->cap * 2 : 32;

@@ -9,7 +9,7 @@ everything written so far with the lock released, and wakes the others; under lo
 Opening scans the segments; a torn or corrupt tail (a crash mid-write) is cut off at the last
 whole record, so every record that was acknowledged (synced) survives and nothing half-written is
 replayed. Segments whose records are all stored are released by :meth:`WAL.release`: up to
-:data:`SPARE_SEGMENTS` of them are kept as ``<n>.spare`` files and written over as later segments
+:data:`SPARE_SEGMENTS` of them are kept as ``<first-seq>.spare`` files and written over as later segments
 (as PostgreSQL recycles its WAL files), the rest deleted. Writing over pages that the page cache and
 the filesystem already hold costs about half what writing a new file does (no page or block
 allocation, no deletion). A reused file holds its old records after the new ones until it is
@@ -46,8 +46,8 @@ MAX_BYTES = 1024 * 1024 * 1024
 #: A single record larger than this is refused (the receivers' message limit is lower).
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 #: Released segments kept to be written over as later segments (each up to SEGMENT_BYTES on disk).
-#: 400 KB appends, 4 to a sync: 180-189 us of CPU each into new files, 70-75 into reused ones
-#: (2026-11-27; benchmarks/wal.py measures both).
+#: 400 KB appends, each synced: 251-259 us of CPU into new files, 185 into reused ones (2026-11-27,
+#: benchmarks/wal.py's ``append_synced``).
 SPARE_SEGMENTS = 2
 _HEADER = struct.Struct("<IIQB")
 _SUFFIX = ".wal"
