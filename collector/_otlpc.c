@@ -1774,7 +1774,11 @@ static void walk_give_back(walk_t *w) {
  * time encoding alone, 0.3 us a span of the collector's writer thread). It is
  * reused only once nobody else holds it (refcount 1: the caller dropped it after the insert), and
  * only while the blocks needed stay within a quarter of its size, so a burst's block does not stay
- * resident for ever once batches shrink. */
+ * resident for ever once batches shrink. A block made to be kept has an eighth more room than asked:
+ * batches of the same span count differ by a few per cent in bytes, and without it the next one a
+ * little larger took a fresh block (measured in the collector's benchmark: ~24,000 page faults, a
+ * whole 93 MB block, on the fourth insert). The room is never touched until a batch needs it, so it
+ * costs address space, not memory. */
 static PyObject *block_cache;
 static size_t block_cache_cap;
 
@@ -1791,13 +1795,17 @@ static PyObject *block_take(size_t size) {
         Py_INCREF(b);
         return b;
     }
-    b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    int keep = !block_cache || Py_REFCNT(block_cache) == 1;
+    size_t room = keep && size <= (size_t)PY_SSIZE_T_MAX - size / 8 - sizeof(PyBytesObject) ? size + size / 8 : size;
+    b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)room);
     if (!b)
         return NULL;
-    if (!block_cache || Py_REFCNT(block_cache) == 1) {
+    if (keep) {
         Py_XSETREF(block_cache, Py_NewRef(b));
-        block_cache_cap = size;
+        block_cache_cap = room;
     }
+    Py_SET_SIZE(b, (Py_ssize_t)size);
+    PyBytes_AS_STRING(b)[size] = 0;
     return b;
 }
 
