@@ -225,6 +225,8 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
         wall, cpu, threads1 = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _thread_ticks(proc.pid)
         merge_cpu = _named_cpu_s(threads0, threads1, ("MergeMutate",))  # ClickHouse's merges
         own_cpu = _named_cpu_s(threads0, threads1, CLICKHOUSE_THREADS, invert=True)
+        handlers = _named_cpu_s(threads0, threads1, ("otlp-grpc",))
+        writer = _named_cpu_s(threads0, threads1, ("store-writer",))
         pipeline = _get(f"{api}/api/stats")["pipeline"]
         inserts = pipeline["inserts"]
         lat, errors = [], 0
@@ -247,6 +249,13 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
             # CLICKHOUSE_THREADS) against ClickHouse's inserting and merging (the rest of the process)
             "own_cpu_us_per_span": round(own_cpu / target * 1e6, 2),
             "clickhouse_cpu_us_per_span": round((cpu - own_cpu) / target * 1e6, 2),
+            # ours by thread (the collector names them): the export handlers (checking, logging,
+            # waiting for the sync), the store writer (reading back, encoding, handing the block to
+            # chdb), and the rest, nearly all grpcio's own threads receiving the messages
+            "own_cpu_us_per_span_by_thread": {
+                "otlp_grpc_handlers": round(handlers / target * 1e6, 2),
+                "store_writer": round(writer / target * 1e6, 2),
+                "grpc_core_and_other": round((own_cpu - handlers - writer) / target * 1e6, 2)},
             "p50_export_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_export_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
             "export_retries": errors, "inserts": inserts, "spans_per_insert": round(target / max(inserts, 1)),
             # exports that waited only in the write-ahead log (memory was at its bound) and were read back

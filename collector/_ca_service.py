@@ -63,6 +63,7 @@ from tracemesh._ca_protocol import (  # the protocol's names and messages, share
     SERVICE,
     SignResponse,
 )
+from tracemesh._proc import name_os_thread
 from tracemesh.collector._ca import CaError, IssueRefused, MeshCA, TokenRefused
 from tracemesh.identity import (
     CredentialError,
@@ -245,7 +246,7 @@ def start_ca(ca_dir: str, mtls_addr: str) -> tuple[CaService, grpc.Server, int]:
     :class:`~tracemesh.collector._ca.CaError` (no CA there, unsafe key files) or OSError."""
     ca = MeshCA.open(ca_dir)
     serving = ServingCert(ca)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="mesh-ca"),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="mesh-ca", initializer=name_os_thread),
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                                   ("grpc.so_reuseport", 0)])
     service = CaService(ca)

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tracemesh._proc import name_os_thread
 from tracemesh._proto import discovery_pb2 as pb
 from tracemesh.net import parse_addr
 
@@ -745,6 +746,7 @@ class ControlServer:
             await server.wait_for_termination()
 
         def run() -> None:
+            name_os_thread()
             asyncio.set_event_loop(self._loop)
             self._loop.run_until_complete(main())
 

@@ -15,6 +15,7 @@ from concurrent import futures
 
 import grpc
 
+from tracemesh._proc import name_os_thread
 from tracemesh.collector._otlp import SIGNALS, OTLPError, Signal
 from tracemesh.collector._pipeline import Backpressure, Pipeline
 
@@ -63,7 +64,7 @@ def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_
     """Start the receiver on *addr* (``host:port``); return the server and the bound port.
     *extra_handlers* are served on the same port (the mesh CA's bootstrap door)."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc"),
+        futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc", initializer=name_os_thread),
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),

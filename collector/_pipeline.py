@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tracemesh._fs import write_atomic
+from tracemesh._proc import name_os_thread
 from tracemesh.collector._wal import WAL, WALClosed, WALFull
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,7 @@ class Pipeline:
         return tables, sum(len(b) for b in tables.values())
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             run = self._take()
             if run is None:

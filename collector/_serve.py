@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tracemesh._proc import freeze_startup_objects
+from tracemesh._proc import freeze_startup_objects, name_os_thread
 from tracemesh.collector import _selfmetrics
 from tracemesh.collector._api import QueryAPI
 from tracemesh.collector._config_store import ConfigStore, ConfigStoreError
@@ -115,7 +115,7 @@ def _start_control(opts: CollectorOptions, config_store, ca_service, ca_serving)
         mtls_addr = str(opts.ca_mtls or Addr(opts.otlp_grpc.host, DEFAULT_MTLS_PORT))
         creds = grpc.dynamic_ssl_server_credentials(ca_serving.configuration(), ca_serving.fetch,
                                                     require_client_authentication=True)
-        handlers = (ca_renewal_handler(ca_service, futures.ThreadPoolExecutor(4, thread_name_prefix="mesh-ca")),)
+        handlers = (ca_renewal_handler(ca_service, futures.ThreadPoolExecutor(4, thread_name_prefix="mesh-ca", initializer=name_os_thread)),)
         distributor.set_bundle_source(ca_service.ca.bundle_pem)
     server.start(str(plain), mtls_addr, creds, handlers, plain_optional=opts.control is None)
     where = [f"{plain.host}:{server.plain_port}"] if server.plain_port else []

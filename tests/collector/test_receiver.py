@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -222,6 +223,23 @@ def test_stats_count_what_was_received_and_stored(collector, channel, otlp):
     assert after["rows_stored"] - before["rows_stored"] == 7
     assert after["exports"] - before["exports"] == 1
     assert after["rows_stored_by_table"]["otel_traces"] >= 7
+
+
+def test_the_collectors_threads_carry_their_names_for_top_and_perf(collector, channel, otlp):
+    """``top -H``, ``perf`` and the benchmark's per-thread split tell the receiving handlers and the
+    store writer apart by the OS-level thread name."""
+    tid, sid = ids()
+    exporter(channel)(otlp.request(otlp.span("named", trace_id=tid, span_id=sid)), timeout=10)
+    collector.wait_rows(f"SELECT SpanId FROM otel_traces WHERE TraceId = '{tid.hex()}'", 1)
+    names = set()
+    for task in Path(f"/proc/{collector.proc.pid}/task").iterdir():
+        try:
+            names.add((task / "comm").read_text().strip())
+        except OSError:
+            pass  # the thread ended meanwhile
+    assert "store-writer" in names
+    assert any(n.startswith("otlp-grpc_") for n in names), names
+    assert "control-plane" in names
 
 
 # -- one owner per store --------------------------------------------------------------------------
