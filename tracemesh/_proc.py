@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+import threading
 
 #: Run as ``python -c DIE_WITH_PARENT <python args...>``: asks the kernel for SIGTERM when the parent
 #: dies (PR_SET_PDEATHSIG survives exec), then execs the real command. Not a ``preexec_fn``: that
@@ -39,15 +40,13 @@ def freeze_startup_objects() -> None:
 _PR_SET_NAME = 15
 
 
-def name_os_thread(name: str | None = None) -> bool:
-    """Give the calling thread its Python name (or *name*) at the OS level too: Linux's ``comm``, at
+def name_os_thread() -> bool:
+    """Give the calling thread its Python name at the OS level too: Linux's ``comm``, at
     most 15 bytes, what ``top -H``, ``ps -L``, ``perf`` and ``/proc/<pid>/task/*/comm`` show.
     Python 3.11 leaves every thread named after the process, so a busy collector's threads could not
     be told apart without a debugger. Call it first thing in the thread (it also serves as a
     ThreadPoolExecutor ``initializer``). True when named; False where there is no prctl."""
-    import threading
-
-    raw = (name or threading.current_thread().name).encode("utf-8", "replace")[:15]
+    raw = threading.current_thread().name.encode("utf-8", "replace")[:15]
     try:
         prctl = ctypes.CDLL(None).prctl
     except (OSError, AttributeError):
