@@ -130,8 +130,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
 
 
-def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
-    """Each live thread of *pid*: its name and its CPU so far (clock ticks)."""
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of all of *pid*'s threads so far, ended ones included."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def _thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Each live thread of *pid*: its name, its CPU so far (clock ticks) and its minor page faults."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -139,16 +144,24 @@ def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended meanwhile
-        out[int(task.name)] = (comm, int(fields[11]) + int(fields[12]))
+        out[int(task.name)] = (comm, int(fields[11]) + int(fields[12]), int(fields[7]))
     return out
 
 
 def _named_cpu_s(before: dict, after: dict, prefixes: tuple[str, ...], *, invert: bool = False) -> float:
     """CPU between two :func:`_thread_ticks` snapshots of the threads named with *prefixes* (or, with
     *invert*, of all the others); a thread that ended in between is not counted."""
-    ticks = sum(t - before.get(tid, (comm, 0))[1] for tid, (comm, t) in after.items()
-                if comm.startswith(prefixes) != invert)
-    return ticks / CLK_TCK
+    return _named_sum(before, after, prefixes, 1, invert) / CLK_TCK
+
+
+def _named_faults(before: dict, after: dict, prefixes: tuple[str, ...], *, invert: bool = False) -> int:
+    """Minor page faults between two :func:`_thread_ticks` snapshots, as :func:`_named_cpu_s` counts CPU."""
+    return _named_sum(before, after, prefixes, 2, invert)
+
+
+def _named_sum(before: dict, after: dict, prefixes: tuple[str, ...], field: int, invert: bool) -> int:
+    return sum(v[field] - before.get(tid, (v[0], 0, 0))[field] for tid, v in after.items()
+               if v[0].startswith(prefixes) != invert)
 
 
 #: Thread names of ClickHouse's (chdb's) pools. Every other thread is the collector's own: Python's
@@ -201,7 +214,7 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((workdir / "collector.log").read_text())
                 time.sleep(0.1)
-        cpu0, threads0, t0 = _cpu_s(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
+        cpu0, faults0, threads0, t0 = _cpu_s(proc.pid), _minor_faults(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
         q = mp.Queue()
         per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
         procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{grpc_port}", payloads, n, 4, q)) for n in per]
@@ -223,10 +236,14 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                                    + (workdir / "collector.log").read_text()[-3000:])
             time.sleep(0.2)  # the collector answers these polls on the CPU we measure: not too often
         wall, cpu, threads1 = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _thread_ticks(proc.pid)
+        faults = _minor_faults(proc.pid) - faults0
         merge_cpu = _named_cpu_s(threads0, threads1, ("MergeMutate",))  # ClickHouse's merges
         own_cpu = _named_cpu_s(threads0, threads1, CLICKHOUSE_THREADS, invert=True)
         handlers = _named_cpu_s(threads0, threads1, ("otlp-grpc",))
         writer = _named_cpu_s(threads0, threads1, ("store-writer",))
+        own_faults = _named_faults(threads0, threads1, CLICKHOUSE_THREADS, invert=True)
+        handler_faults = _named_faults(threads0, threads1, ("otlp-grpc",))
+        writer_faults = _named_faults(threads0, threads1, ("store-writer",))
         pipeline = _get(f"{api}/api/stats")["pipeline"]
         inserts = pipeline["inserts"]
         lat, errors = [], 0
@@ -256,6 +273,12 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
                 "otlp_grpc_handlers": round(handlers / target * 1e6, 2),
                 "store_writer": round(writer / target * 1e6, 2),
                 "grpc_core_and_other": round((own_cpu - handlers - writer) / target * 1e6, 2)},
+            # first touches of memory: each a few µs of system time (~2.5 on this project's VM)
+            "minor_faults_per_span_by_thread": {
+                "otlp_grpc_handlers": round(handler_faults / target, 3),
+                "store_writer": round(writer_faults / target, 3),
+                "grpc_core_and_other": round((own_faults - handler_faults - writer_faults) / target, 3),
+                "clickhouse": round((faults - own_faults) / target, 3)},
             "p50_export_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_export_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
             "export_retries": errors, "inserts": inserts, "spans_per_insert": round(target / max(inserts, 1)),
             # exports that waited only in the write-ahead log (memory was at its bound) and were read back

@@ -59,6 +59,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: Blocks below this come from the heap and are reused once freed (glibc's default starts at 128 KiB
 #: and moves), and up to this much free memory at the heap's top is kept rather than returned.
 KEEP_FREED_BYTES = 4 * 1024 * 1024
+#: glibc's default ceiling for the mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): a thread's
+#: arena grows in heaps of at most 64 MiB, so larger blocks are mapped whatever the setting.
+KEEP_FREED_MAX_BYTES = 32 * 1024 * 1024
 
 
 def keep_freed_memory(nbytes: int = KEEP_FREED_BYTES) -> bool:
