@@ -36,6 +36,9 @@ def test_a_store_from_an_older_release_is_upgraded_and_keeps_its_data(tmp_path, 
         assert {"otel_logs", "otel_metrics_sum", "otel_traces_trace_id_ts"} <= tables
         ddl = c.rows("SHOW CREATE TABLE otel_traces")[0]["statement"]
         assert "non_replicated_deduplication_window = 1000" in ddl
+        # migration 5: merges wait for wider sets of parts, on every table the collector fills
+        for table in ("otel_traces", "otel_traces_trace_id_ts", "otel_logs", "otel_metrics_sum"):
+            assert "merge_selector_base = 10" in c.rows(f"SHOW CREATE TABLE {table}")[0]["statement"], table
     finally:
         c.stop()
     # a restart finds nothing left to do
