@@ -15,6 +15,14 @@ collector's run only moved the ratio with it (``raw_insert.before``, ``.after``)
 
     python benchmarks/collector.py [--quick] [--spans N] [--senders N]
 
+``--pace SPANS_PER_S`` measures instead what a mesh's steady flow costs: one exporter sends that
+many spans a second, open loop, for 120 s (30 with ``--quick``), and the collector's CPU is taken
+in cores, ClickHouse's merges apart; the baseline, in the same run, is the same flow into tables
+set to ClickHouse's own merge selector (``merge_selector_base`` 5, where the collector's migration
+sets 10).
+
+    python benchmarks/collector.py --pace 4000 [--quick]
+
 Prints one JSON document.
 """
 
@@ -25,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -197,23 +206,30 @@ def _sql(api: str, sql: str):
         return json.load(r)["data"]
 
 
-def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workdir: Path) -> dict:
+def _start_collector(workdir: Path, store: str = "store"):
+    """A collector on a store under *workdir*, ready: (process, gRPC port, API URL, its log file)."""
     grpc_port, api_port = _free_port(), _free_port()
     api = f"http://127.0.0.1:{api_port}"
-    log = open(workdir / "collector.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tracemesh", "collector", "--store", str(workdir / "store"),
+    log = open(workdir / f"{store}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tracemesh", "collector", "--store", str(workdir / store),
                              "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--otlp-http", "off", "--api", f"127.0.0.1:{api_port}"],
                             stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/ready", timeout=1)
+            return proc, grpc_port, api, log
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.close()
+                raise RuntimeError((workdir / f"{store}.log").read_text()) from None
+            time.sleep(0.1)
+
+
+def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workdir: Path) -> dict:
+    proc, grpc_port, api, log = _start_collector(workdir)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{api}/ready", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((workdir / "collector.log").read_text())
-                time.sleep(0.1)
         cpu0, faults0, threads0, t0 = _cpu_s(proc.pid), _minor_faults(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
         q = mp.Queue()
         per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
@@ -233,7 +249,7 @@ def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workd
             if now - t0 > (60 if os.environ.get("BENCH_DEBUG") else 600):
                 st = _get(f"{api}/api/stats")
                 raise RuntimeError(f"the collector did not store the spans in time: {st}\n"
-                                   + (workdir / "collector.log").read_text()[-3000:])
+                                   + (workdir / "store.log").read_text()[-3000:])
             time.sleep(0.2)  # the collector answers these polls on the CPU we measure: not too often
         wall, cpu, threads1 = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0, _thread_ticks(proc.pid)
         faults = _minor_faults(proc.pid) - faults0
@@ -297,7 +313,6 @@ import sys, time, json
 from chdb import session
 sys.path.insert(0, ".")
 from tracemesh.collector._encode import SpanColumns, encode_traces
-from tracemesh.collector._schema import trace_tables
 from tracemesh.collector._store import spans_to_arrow, _arrow_stream, settings_sql
 from tracemesh.collector._schema import insert_settings
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -306,8 +321,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 fmt, n_exports, batch = sys.argv[2], int(sys.argv[3]), 200
 payloads = [open(p, "rb").read() for p in sys.argv[4:]]
 s = session.Session(sys.argv[1])
-for ddl in trace_tables():
-    s.query(ddl)
+# the collector's tables as its migrations leave them (table settings included), not just their DDL
+from tracemesh.collector._migrations import migrate
+migrate(lambda q: s.query(q), lambda q, fmt="TSVRaw": s.query(q, fmt).bytes())
 streams = []
 for i in range(0, n_exports, batch):  # the rows already encoded, as a collector would hand them over
     run = [payloads[j % len(payloads)] for j in range(i, min(i + batch, n_exports))]
@@ -333,8 +349,10 @@ def merge_cpu():  # this process's ClickHouse merge threads (named MergeMutate)
     return total / os.sysconf("SC_CLK_TCK")
 c0, m0, t0 = time.process_time(), merge_cpu(), time.perf_counter()
 rows = 0
-for n, data in streams:
-    with s.send_insert("INSERT INTO otel_traces" + settings_sql(insert_settings("otel_traces")), fmt) as ins:
+for i, (n, data) in enumerate(streams):
+    # a deduplication token, as the collector's inserts carry: without one, a table with a
+    # deduplication window hashes every block's data to make its own
+    with s.send_insert("INSERT INTO otel_traces" + settings_sql(insert_settings("otel_traces", f"raw:{i}")), fmt) as ins:
         ins.append(data); ins.finish()
     rows += n
 cpu, merges, wall = time.process_time() - c0, merge_cpu() - m0, time.perf_counter() - t0
@@ -356,6 +374,66 @@ def _have_c_encoder() -> bool:
     except ImportError:
         return False
     return True
+
+
+_SET_MERGE_BASE = r'''
+import sys
+from tracemesh.collector._migrations import INSERT_TABLES
+from tracemesh.collector._store import EmbeddedStore
+st = EmbeddedStore(sys.argv[1])
+st.ensure_schema()
+for t in INSERT_TABLES:
+    st.execute(f"ALTER TABLE {t} MODIFY SETTING merge_selector_base = {int(sys.argv[2])}")
+st.close()
+'''
+#: ClickHouse's own merge_selector_base, the pace mode's baseline.
+CLICKHOUSE_MERGE_SELECTOR_BASE = 5
+
+
+def measure_pace(payloads: list[bytes], spans_per_s: int, seconds: float, workdir: Path, tag: str,
+                 merge_selector_base: int | None = None) -> dict:
+    """A collector's CPU while one exporter sends *spans_per_s* (in 500-span exports, open loop) for
+    *seconds*: a mesh's steady flow, where ClickHouse's merges of many small parts dominate. With
+    *merge_selector_base*, the store is made with the tables set to it first (the baseline: the
+    collector's own migration sets MERGE_SELECTOR_BASE, and a migration already applied is not redone)."""
+    import grpc
+
+    store = f"pace-{tag}"
+    if merge_selector_base is not None:
+        subprocess.run([sys.executable, "-c", _SET_MERGE_BASE, str(workdir / store), str(merge_selector_base)],
+                       check=True, capture_output=True, timeout=120)
+    proc, grpc_port, api, log = _start_collector(workdir, store)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            export = ch.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                    request_serializer=None, response_deserializer=lambda b: b)
+            export(payloads[0], timeout=30)
+            time.sleep(2)  # the first insert and its warm-up, outside the measure
+            interval = SPANS_PER_EXPORT / spans_per_s
+            cpu0, threads0, t0 = _cpu_s(proc.pid), _thread_ticks(proc.pid), time.monotonic()
+            sent = 0
+            while time.monotonic() - t0 < seconds:
+                wait = t0 + sent * interval - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                export(payloads[sent % len(payloads)], timeout=30)
+                sent += 1
+            wall = time.monotonic() - t0
+            cpu, threads1 = _cpu_s(proc.pid) - cpu0, _thread_ticks(proc.pid)
+        merges = _named_cpu_s(threads0, threads1, ("MergeMutate",))
+        own = _named_cpu_s(threads0, threads1, CLICKHOUSE_THREADS, invert=True)
+        parts = _sql(api, "SELECT count() AS n FROM system.parts WHERE table = 'otel_traces' AND active")[0]["n"]
+        ddl = _sql(api, "SHOW CREATE TABLE otel_traces")[0]["statement"]
+        table_base = re.search(r"merge_selector_base = (\d+)", ddl)
+        return {"merge_selector_base": int(table_base.group(1)) if table_base else None,
+                "spans_per_s": round(sent * SPANS_PER_EXPORT / wall), "seconds": round(wall, 1),
+                "cores": round(cpu / wall, 3), "merge_cores": round(merges / wall, 3), "own_cores": round(own / wall, 3),
+                "cpu_us_per_span": round(cpu / (sent * SPANS_PER_EXPORT) * 1e6, 1),
+                "active_parts_at_end": int(parts)}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
 
 
 def write_payloads(payloads: list[bytes], workdir: Path) -> list[str]:
@@ -402,7 +480,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
     ap.add_argument("--spans", type=int, default=None, help="spans to store (default 1,000,000; --quick 200,000)")
     ap.add_argument("--senders", type=int, default=2, help="sender processes, 4 threads each (default 2)")
+    ap.add_argument("--pace", type=int, default=None, metavar="SPANS_PER_S",
+                    help="instead: the collector's CPU at a steady flow of this many spans a second (a mesh's "
+                         "pace, e.g. 4000), against the same with ClickHouse's default merge selector")
     args = ap.parse_args()
+    if args.pace:
+        seconds = 30 if args.quick else 120
+        payloads = build_requests(64)
+        with tempfile.TemporaryDirectory(prefix="tracemesh-bench-") as tmp:
+            print(f"baseline: {args.pace} spans/s for {seconds} s, ClickHouse's merge selector", file=sys.stderr)
+            base = measure_pace(payloads, args.pace, seconds, Path(tmp), "baseline", CLICKHOUSE_MERGE_SELECTOR_BASE)
+            print(f"collector: {args.pace} spans/s for {seconds} s, as it sets up its tables", file=sys.stderr)
+            ours = measure_pace(payloads, args.pace, seconds, Path(tmp), "collector")
+        print(json.dumps({"benchmark": "collector-pace", "quick": args.quick, "cpus": os.cpu_count(),
+                          "cores": ours["cores"], "baseline_cores": base["cores"],
+                          "ratio_to_default_merges": round(ours["cores"] / base["cores"], 3),
+                          "collector": ours, "baseline_default_merges": base}, indent=2))
+        return
     spans = args.spans or (200_000 if args.quick else 1_000_000)
     n_exports = max(1, spans // SPANS_PER_EXPORT)
     print(f"building {min(n_exports, 64)} distinct requests of {SPANS_PER_EXPORT} spans", file=sys.stderr)
