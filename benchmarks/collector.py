@@ -378,12 +378,12 @@ def _have_c_encoder() -> bool:
 
 _SET_MERGE_BASE = r'''
 import sys
-from tracemesh.collector._migrations import INSERT_TABLES
+from tracemesh.collector._migrations import merge_selector
 from tracemesh.collector._store import EmbeddedStore
 st = EmbeddedStore(sys.argv[1])
 st.ensure_schema()
-for t in INSERT_TABLES:
-    st.execute(f"ALTER TABLE {t} MODIFY SETTING merge_selector_base = {int(sys.argv[2])}")
+for sql in merge_selector(int(sys.argv[2])):
+    st.execute(sql)
 st.close()
 '''
 #: ClickHouse's own merge_selector_base, the pace mode's baseline.

@@ -214,6 +214,7 @@ class ServerStore:
         self._tokens = True
         self._defer_indexes = False
         self._has_format_query: bool | None = None
+        self._table_settings: dict[str, bool] = {}  # MergeTree setting -> whether the server knows it
         self.server_version = self._run("SELECT version()")[0][0]
         # old servers take an unknown query setting silently: ask rather than rely on an error
         known = {r[0] for r in self._run("SELECT name FROM system.settings WHERE name IN %(n)s",
@@ -275,10 +276,13 @@ class ServerStore:
         self._run(sql)
 
     def _knows_table_setting(self, name: str) -> bool:
-        try:
-            return bool(self._run("SELECT count() FROM system.merge_tree_settings WHERE name = %(n)s", {"n": name})[0][0])
-        except QueryError:
-            return False  # a server too old for the table
+        if name not in self._table_settings:  # asked once: a migration sets it on every table
+            try:
+                rows = self._run("SELECT count() FROM system.merge_tree_settings WHERE name = %(n)s", {"n": name})
+                self._table_settings[name] = bool(rows[0][0])
+            except QueryError:
+                self._table_settings[name] = False  # a server too old for the table
+        return self._table_settings[name]
 
     def query_write(self, sql: str, fmt: str = "TSVRaw") -> bytes:
         rows = self._run(sql)
