@@ -5,6 +5,7 @@ an oversized header list, a client that never says hello); and h2 between sideca
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -109,26 +110,19 @@ def test_h2load_many_concurrent_streams_without_a_failure(h2mesh):
 
 def test_httpx_http2_concurrent_requests_share_a_connection(h2mesh):
     front, _, _ = h2mesh
-    with httpx.Client(http1=False, http2=True, base_url=f"http://{front.outbound}", headers={"host": "echo"},
-                      timeout=20) as client:
-        results: list = []
-        errors: list = []
 
-        def one(i: int) -> None:
-            try:
-                r = client.post(f"/n/{i}", content=b"y" * (i * 1000))
-                results.append((r.http_version, r.status_code, r.json()["body_len"], i))
-            except Exception as exc:  # kept for the assertion below (a thread's exception is otherwise lost)
-                errors.append((i, repr(exc)))
+    # httpx's async client: its sync client shares one HPACK encoder between threads without a lock
+    # (see test_proxy_translate.py), a client bug our sidecar rightly answers with GOAWAY
+    async def run() -> tuple[list[httpx.Response], set]:
+        async with httpx.AsyncClient(http1=False, http2=True, base_url=f"http://{front.outbound}",
+                                     headers={"host": "echo"}, timeout=20) as client:
+            rs = await asyncio.gather(*(client.post(f"/n/{i}", content=b"y" * (i * 1000)) for i in range(16)))
+            return rs, {r.extensions["network_stream"].get_extra_info("client_addr") for r in rs}
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    assert not errors, errors
-    assert sorted(r[3] for r in results) == list(range(16))
-    assert all(v == "HTTP/2" and code == 200 and n == i * 1000 for v, code, n, i in results), results
+    rs, local_addrs = asyncio.run(run())
+    assert {r.http_version for r in rs} == {"HTTP/2"} and {r.status_code for r in rs} == {200}
+    assert [r.json()["body_len"] for r in rs] == [i * 1000 for i in range(16)]
+    assert len(local_addrs) == 1  # one connection
 
 
 def test_trailers_pass_through(h2mesh):
