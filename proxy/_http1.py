@@ -71,7 +71,6 @@ import trio
 from h11._writers import ChunkedWriter as _ChunkedWriter
 
 from tracemesh import _h1fast
-from tracemesh._h11io import READ_CHUNK
 from tracemesh._h11io import next_event as _next_event
 from tracemesh.net import Addr
 from tracemesh.proxy._authz import DENIED_BODY, RBAC_FLAG, Authorizer

@@ -64,6 +64,7 @@ import contextlib
 import logging
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import trio
 
 from tracemesh.net import Addr
@@ -317,6 +319,22 @@ class _Stream:
                 pass
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """h2's state machine, ending a connection whose header block cannot be decoded with
+    COMPRESSION_ERROR, as RFC 9113 4.3 says (h2 sends PROTOCOL_ERROR). A client whose HPACK encoder
+    went wrong (say, one shared between threads without a lock) is then told what it did."""
+
+    def _terminate_connection(self, error_code) -> None:
+        # called from h2's handler of the exception that ends the connection; a header block that
+        # cannot be decoded is h2's ProtocolError raised from hpack's error (or from an IndexError,
+        # TypeError or UnicodeDecodeError, which h2 catches with it)
+        exc = sys.exc_info()[1]
+        if (error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR and isinstance(exc, h2.exceptions.ProtocolError)
+                and isinstance(exc.__cause__, (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError))):
+            error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+        super()._terminate_connection(error_code)
+
+
 class H2Conn:
     """One HTTP/2 connection, either side: the h2 state machine, its streams' inboxes, serialised
     writes, and waits for the peer's flow-control window. :meth:`run` is its reader."""
@@ -324,7 +342,7 @@ class H2Conn:
     def __init__(self, stream: trio.abc.Stream, client_side: bool) -> None:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True)
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = _H2Connection(config)
         self.h2.encoder = _hpack.Encoder()  # no dynamic table, field encodings kept (proxy/_hpack.py)
         self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,

@@ -227,6 +227,13 @@ def test_protocol_errors_get_goaway_and_the_sidecar_keeps_serving(h2mesh, curl):
         goaways = [f for f in frames if f[0] == GOAWAY]
         assert goaways, frames
         assert int.from_bytes(goaways[0][3][4:8], "big") == 1  # PROTOCOL_ERROR
+    # a header block that cannot be decoded (an indexed field past the static table, the dynamic one
+    # empty): COMPRESSION_ERROR (RFC 9113 4.3), and the streams before it were processed
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    bad_headers = b"\x00\x00\x02\x01\x05\x00\x00\x00\x01" + b"\x82\xe4"  # :method GET, then index 100
+    for addr in (front.outbound, echo.inbound):
+        frames = _goaway_after(addr, PREFACE + settings + bad_headers)
+        assert [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY] == [9], frames
     # a frame header announcing 16 MiB: refused on sight (FRAME_SIZE_ERROR), not buffered first
     frames = _goaway_after(front.outbound, PREFACE + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01" + b"x" * 100)
     assert [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY] == [6]
