@@ -23,6 +23,16 @@ sets 10).
 
     python benchmarks/collector.py --pace 4000 [--quick]
 
+``--layers`` measures the receiving side alone, layer by layer, with the bulk run's senders and
+nothing stored: grpcio's bare server as the collector makes it (handlers that do nothing), then the
+collector's receiver with each export checked, then also written to a write-ahead log (group
+commit, segments released as a writer that keeps up would): the CPU a span costs each, split into
+the handler threads and grpcio's own, and context switches per export; three rounds alternated
+(one with ``--quick``). The collector's ``own_cpu_us_per_span_by_thread`` (handlers and grpcio)
+compares with the last layer.
+
+    python benchmarks/collector.py --layers [--quick] [--exports N]
+
 Prints one JSON document.
 """
 
@@ -436,6 +446,110 @@ def measure_pace(payloads: list[bytes], spans_per_s: int, seconds: float, workdi
         log.close()
 
 
+_LAYER_SERVER = r"""
+import os, sys, tempfile, threading
+from tracemesh._proc import KEEP_FREED_MAX_BYTES, freeze_startup_objects, keep_freed_memory, name_os_thread
+from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, WORKER_THREADS, start_grpc
+layer, workdir = sys.argv[1], sys.argv[2]
+
+class Pipeline:  # the receiver's side of tracemesh.collector._pipeline.Pipeline, nothing stored
+    def __init__(self):
+        self.wal = None
+        if layer == "wal":
+            from tracemesh.collector._wal import WAL
+            self.wal = WAL(tempfile.mkdtemp(dir=workdir))
+            self.lock = threading.Lock()
+    def submit(self, kind, payload, batches, rejected=0):
+        if self.wal is not None:
+            seq = self.wal.append(kind, payload)
+            if seq % 32 == 0:  # as a writer that keeps up: segments released, their files reused
+                with self.lock:
+                    self.wal.release(seq)
+
+if layer == "grpcio":  # the receiver's server, as start_grpc makes it, with handlers that do nothing
+    import grpc
+    from concurrent import futures
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc",
+                                                    initializer=name_os_thread),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {"Export": grpc.unary_unary_rpc_method_handler(lambda data, ctx: b"", request_deserializer=None,
+                                                       response_serializer=lambda b: b)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+else:  # the collector's own receiver: the check of each export, then (wal) the write-ahead log
+    from tracemesh.collector._otlp import use_native_traces
+    use_native_traces(True)  # as the collector on its embedded store (the C check when it is built)
+    server, port = start_grpc("127.0.0.1:0", Pipeline())
+freeze_startup_objects()
+keep_freed_memory(min(MAX_MESSAGE_BYTES, KEEP_FREED_MAX_BYTES))  # as the collector does
+print(port, flush=True)
+server.wait_for_termination()
+"""
+#: The receiver's layers (``--layers``): grpcio's bare server, then the collector's check of each
+#: export, then its write-ahead log; each with what the layer before it had.
+LAYERS = ("grpcio", "check", "wal")
+
+
+def _ctx_switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:  # voluntary and not
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def measure_layer(layer: str, payloads: list[bytes], n_exports: int, senders: int, workdir: Path) -> dict:
+    """The CPU a span costs a receiver made of *layer* and the layers before it (see LAYERS), with
+    the bulk run's senders: the whole process, its handler threads, and the rest (grpcio's core
+    and polling threads); and the context switches of all its threads, per export."""
+    proc = subprocess.Popen([sys.executable, "-c", _LAYER_SERVER, layer, str(workdir)], stdout=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline())
+        q = mp.Queue()
+        warm = mp.Process(target=_sender, args=(f"127.0.0.1:{port}", payloads, 50, 4, q))
+        warm.start()
+        q.get()
+        warm.join()
+        cpu0, threads0, ctx0 = _cpu_s(proc.pid), _thread_ticks(proc.pid), _ctx_switches(proc.pid)
+        per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
+        procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{port}", payloads, n, 4, q)) for n in per]
+        for p in procs:
+            p.start()
+        errors = sum(q.get()[1] for _ in procs)
+        for p in procs:
+            p.join()
+        cpu, threads1, ctx1 = _cpu_s(proc.pid) - cpu0, _thread_ticks(proc.pid), _ctx_switches(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    spans = n_exports * SPANS_PER_EXPORT
+    handlers = _named_cpu_s(threads0, threads1, ("otlp-grpc",))
+    return {"cpu_us_per_span": round(cpu / spans * 1e6, 2), "handlers_us_per_span": round(handlers / spans * 1e6, 2),
+            "grpc_core_and_other_us_per_span": round((cpu - handlers) / spans * 1e6, 2),
+            "context_switches_per_export": round((ctx1 - ctx0) / n_exports, 1), "errors": errors}
+
+
+def measure_layers(payloads: list[bytes], n_exports: int, senders: int, workdir: Path, rounds: int) -> dict:
+    """:func:`measure_layer` for every layer, *rounds* times alternated (this machine's speed drifts)."""
+    runs: dict[str, list[dict]] = {layer: [] for layer in LAYERS}
+    for r in range(rounds):
+        for layer in LAYERS:
+            print(f"layers: {layer}, round {r + 1} of {rounds}", file=sys.stderr)
+            runs[layer].append(measure_layer(layer, payloads, n_exports, senders, workdir))
+    return {layer: {"cpu_us_per_span": [m["cpu_us_per_span"] for m in ms],
+                    "handlers_us_per_span": [m["handlers_us_per_span"] for m in ms],
+                    "grpc_core_and_other_us_per_span": [m["grpc_core_and_other_us_per_span"] for m in ms],
+                    "context_switches_per_export": [m["context_switches_per_export"] for m in ms],
+                    "errors": sum(m["errors"] for m in ms)} for layer, ms in runs.items()}
+
+
 def write_payloads(payloads: list[bytes], workdir: Path) -> list[str]:
     """The requests as files, for the raw-insert processes to read."""
     files = []
@@ -483,7 +597,20 @@ def main() -> None:
     ap.add_argument("--pace", type=int, default=None, metavar="SPANS_PER_S",
                     help="instead: the collector's CPU at a steady flow of this many spans a second (a mesh's "
                          "pace, e.g. 4000), against the same with ClickHouse's default merge selector")
+    ap.add_argument("--layers", action="store_true",
+                    help="instead: what the receiver's layers cost a span (grpcio's bare server, the check of "
+                         "each export, the write-ahead log), nothing stored")
+    ap.add_argument("--exports", type=int, default=None, help="with --layers: exports a layer receives "
+                                                              "(default 2,000; --quick 400)")
     args = ap.parse_args()
+    if args.layers:
+        n_exports = args.exports or (400 if args.quick else 2000)
+        payloads = build_requests(64)
+        with tempfile.TemporaryDirectory(prefix="tracemesh-bench-") as tmp:
+            layers = measure_layers(payloads, n_exports, args.senders, Path(tmp), 1 if args.quick else 3)
+        print(json.dumps({"benchmark": "collector-layers", "quick": args.quick, "cpus": os.cpu_count(),
+                          "exports": n_exports, "spans_per_export": SPANS_PER_EXPORT, "layers": layers}, indent=2))
+        return
     if args.pace:
         seconds = 30 if args.quick else 120
         payloads = build_requests(64)
