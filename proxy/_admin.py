@@ -21,6 +21,7 @@ import trio
 
 from tracemesh.httpserve import Handler, Request, Response
 from tracemesh.proxy._accesslog import stats_lines as access_log_stats
+from tracemesh.proxy._http2 import STATS as h2s
 from tracemesh.proxy._metrics import CONTENT_TYPE, MeshMetrics, encode_otlp, render_prometheus
 from tracemesh.proxy._otlp import ExportError, OtlpClient
 
@@ -92,6 +93,12 @@ def sidecar_stats(recorder, tls, sidecar, conns: ConnectionStats, exporter: Metr
             "tracemesh_sidecar_mirror_failed_total": (sidecar.mirrors.failed, "Mirrored copies that got no answer."),
             "tracemesh_sidecar_mtls_handshakes_total": (t.handshakes, "Inbound mTLS handshakes completed."),
             "tracemesh_sidecar_mtls_refused_total": (t.refused, "Inbound connections refused by the mTLS mode."),
+            "tracemesh_sidecar_http2_downstream_protocol_errors_total": (
+                h2s.downstream_protocol_errors, "HTTP/2 client connections ended for breaking the protocol (GOAWAY)."),
+            "tracemesh_sidecar_http2_upstream_protocol_errors_total": (
+                h2s.upstream_protocol_errors, "HTTP/2 app connections ended for breaking the protocol (GOAWAY)."),
+            "tracemesh_sidecar_http2_rapid_reset_closes_total": (
+                h2s.rapid_reset_closes, "HTTP/2 client connections closed for resetting most of their streams."),
         }
         access_log = getattr(sidecar, "access_log", None)
         if access_log is not None:

@@ -319,6 +319,20 @@ class _Stream:
                 pass
 
 
+@dataclass
+class H2Stats:
+    """This process's HTTP/2 connections that ended because the peer broke the protocol (we sent
+    GOAWAY with the error's code), by side, and downstream connections closed for resetting most of
+    their streams (CVE-2023-44487's pattern): on the admin endpoint's ``/metrics``."""
+
+    downstream_protocol_errors: int = 0
+    upstream_protocol_errors: int = 0
+    rapid_reset_closes: int = 0
+
+
+STATS = H2Stats()
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's state machine, ending a connection whose header block cannot be decoded with
     COMPRESSION_ERROR, as RFC 9113 4.3 says (h2 sends PROTOCOL_ERROR). A client whose HPACK encoder
@@ -518,6 +532,10 @@ class H2Conn:
                 raise h2.exceptions.FrameTooLargeError("a frame over SETTINGS_MAX_FRAME_SIZE")
         except h2.exceptions.ProtocolError as exc:
             log.debug("HTTP/2 protocol error from the peer: %s", exc)
+            if self.h2.config.client_side:
+                STATS.upstream_protocol_errors += 1
+            else:
+                STATS.downstream_protocol_errors += 1
             self.dead = f"protocol error: {exc}"
             await self.flush()
             return False
@@ -527,6 +545,7 @@ class H2Conn:
             log.warning("HTTP/2 client reset %d of its %d streams before their responses: closing the connection",
                         self.premature_resets, self.opened)
             self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            STATS.rapid_reset_closes += 1
             self.dead = "rapid resets"
             await self.flush()
             return False

@@ -133,6 +133,36 @@ class H2App(ThreadedServer):
 SERVICE = "test.Echo"
 
 
+class BadHpackApp(ThreadedServer):
+    """An h2c app (h2 for the connection) whose every answer is a header block that cannot be
+    decoded: ``:status 200``, then an indexed field past the static table, the dynamic table being
+    empty. Its peer must end the connection with COMPRESSION_ERROR; ``goaway_codes`` are the codes
+    of the GOAWAYs it received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.goaway_codes: list[int] = []
+        self.requests = 0
+
+    def serve(self, s: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        try:
+            with s:
+                s.sendall(conn.data_to_send())
+                while data := s.recv(65536):
+                    bad = b""
+                    for ev in conn.receive_data(data):
+                        if isinstance(ev, h2.events.RequestReceived):  # HEADERS, END_HEADERS | END_STREAM
+                            self.requests += 1
+                            bad += b"\x00\x00\x02\x01\x05" + ev.stream_id.to_bytes(4, "big") + b"\x88\xe4"
+                        elif isinstance(ev, h2.events.ConnectionTerminated):
+                            self.goaway_codes.append(int(ev.error_code))
+                    s.sendall(conn.data_to_send() + bad)
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+
+
 def _unary(request: bytes, context) -> bytes:
     md = dict(context.invocation_metadata())
     if request == b"not-found":

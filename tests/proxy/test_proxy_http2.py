@@ -17,11 +17,15 @@ import uuid
 
 import httpx
 import pytest
-from h2_helpers import GOAWAY, PREFACE, H2App, H2Client, read_frames, split_frames
+from h2_helpers import GOAWAY, PREFACE, BadHpackApp, H2App, H2Client, read_frames, split_frames
 from mtls_helpers import MeshCaEnv, sid
-from sidecar_harness import SidecarProc, Upstream, read_until_closed, serving, start_all, write_mesh
+from prometheus_client.parser import text_string_to_metric_families
+from sidecar_harness import (
+    SidecarProc, Upstream, distinct_ports, http_get_text, read_until_closed, serving, start_all, write_mesh,
+)
 
 from tracemesh.identity import client_context
+from tracemesh.net import Addr
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +34,19 @@ def h2mesh(otlp, tmp_path_factory):
     time) and ``echo`` (inbound -> an h2c app). echo's routes: ``/sleep/2`` times out after 300 ms,
     ``/status/*`` is retried twice on 5xx."""
     work = tmp_path_factory.mktemp("h2")
-    app = H2App()
+    app, bad = H2App(), BadHpackApp()
     cfg = work / "mesh.yaml"
-    echo = SidecarProc(work, "echo", app.addr, otlp.addr, config=cfg)
-    front = SidecarProc(work, "front", app.addr, otlp.addr, config=cfg)
+    echo_admin, front_admin = distinct_ports(2)
+    echo = SidecarProc(work, "echo", app.addr, otlp.addr, config=cfg, extra=("--admin", f"127.0.0.1:{echo_admin}"))
+    front = SidecarProc(work, "front", app.addr, otlp.addr, config=cfg, extra=("--admin", f"127.0.0.1:{front_admin}"))
+    echo.admin, front.admin = Addr("127.0.0.1", echo_admin), Addr("127.0.0.1", front_admin)
+    front.badhpack = bad  # for the test of an app that breaks the protocol
     write_mesh(cfg, {
         "services": {
             "echo": {"endpoints": [{"address": str(echo.inbound), "version": "v1"}]},
             "front": {"endpoints": [{"address": str(front.inbound), "version": "v1"}]},
+            "badhpack": {"endpoints": [{"address": str(bad.addr), "version": "v1"}],
+                         "ports": [{"port": bad.addr.port, "protocol": "http2"}]},
             "slow": {"endpoints": [{"address": str(app.addr), "version": "v1"}],
                      "traffic_policy": {"connection_pool": {"max_requests": 1}}},
         },
@@ -49,7 +58,7 @@ def h2mesh(otlp, tmp_path_factory):
             {"service": "echo", "name": "default", "destinations": [{"version": "v1"}]},
         ],
     })
-    with serving(start_all([echo, front]), app):
+    with serving(start_all([echo, front]), app, bad):
         yield front, echo, app
 
 
@@ -219,8 +228,16 @@ def _goaway_after(addr, payload: bytes) -> list:
         return read_frames(s, timeout=10)
 
 
+def _h2_stats(admin: Addr) -> dict[str, float]:
+    status, text = http_get_text(admin, "/metrics")
+    assert status == 200
+    return {smp.name: smp.value for f in text_string_to_metric_families(text.decode()) for smp in f.samples
+            if smp.name.startswith("tracemesh_sidecar_http2_")}
+
+
 def test_protocol_errors_get_goaway_and_the_sidecar_keeps_serving(h2mesh, curl):
     front, echo, _ = h2mesh
+    before = {sc.service: _h2_stats(sc.admin) for sc in (front, echo)}
     # garbage where a frame should be (a frame header claiming a DATA frame on stream 0)
     for addr in (front.outbound, echo.inbound):
         frames = _goaway_after(addr, PREFACE + b"\x00\x00\x04\x00\x00\x00\x00\x00\x00garbage-garbage")
@@ -247,6 +264,30 @@ def test_protocol_errors_get_goaway_and_the_sidecar_keeps_serving(h2mesh, curl):
     assert any(f[0] == GOAWAY for f in frames), frames
     r = _curl(curl, f"http://{front.outbound}/fine", "-H", "Host: echo")
     assert r.stdout.decode().endswith("2 200")
+    # counted, on the side they came from: front had 4 (garbage, the header block, the frame size,
+    # the header list), echo 2; no app broke the protocol
+    key = "tracemesh_sidecar_http2_downstream_protocol_errors_total"
+    for sc, n in ((front, 4), (echo, 2)):
+        after = _h2_stats(sc.admin)
+        assert after[key] - before[sc.service][key] == n, (sc.service, before[sc.service], after)
+        assert after["tracemesh_sidecar_http2_upstream_protocol_errors_total"] == \
+            before[sc.service]["tracemesh_sidecar_http2_upstream_protocol_errors_total"]
+
+
+def test_an_app_that_breaks_the_protocol_is_a_5xx_and_counted(h2mesh, curl):
+    front, *_ = h2mesh
+    key = "tracemesh_sidecar_http2_upstream_protocol_errors_total"
+    bad = front.badhpack
+    before, tried, told = _h2_stats(front.admin)[key], bad.requests, len(bad.goaway_codes)
+    r = _curl(curl, f"http://{front.outbound}/x", "-H", "Host: badhpack")
+    body, _, status = r.stdout.decode().rpartition("\n")
+    assert status.startswith("2 5"), r.stdout  # the client gets an answer, not a broken connection
+    attempts = bad.requests - tried  # the route's retries included
+    assert attempts >= 1 and _h2_stats(front.admin)[key] == before + attempts
+    deadline = time.monotonic() + 10
+    while len(bad.goaway_codes) < told + attempts and time.monotonic() < deadline:
+        time.sleep(0.02)  # the GOAWAY reaches the app after the client's answer
+    assert set(bad.goaway_codes[told:]) == {9}  # COMPRESSION_ERROR, as RFC 9113 4.3 says
 
 
 def test_rapid_reset_and_continuation_floods_end_the_connection_not_the_sidecar(h2mesh, curl):
@@ -269,6 +310,7 @@ def test_rapid_reset_and_continuation_floods_end_the_connection_not_the_sidecar(
     finally:
         c.close()
     assert [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY] == [11], frames  # ENHANCE_YOUR_CALM
+    assert _h2_stats(front.admin)["tracemesh_sidecar_http2_rapid_reset_closes_total"] >= 1
     # a HEADERS frame without END_HEADERS, then CONTINUATION frames that never end it
     c = H2Client(front.outbound)
     try:
