@@ -340,11 +340,14 @@ class _H2Connection(h2.connection.H2Connection):
 
     def _terminate_connection(self, error_code) -> None:
         # called from h2's handler of the exception that ends the connection; a header block that
-        # cannot be decoded is h2's ProtocolError raised from hpack's error (or from an IndexError,
-        # TypeError or UnicodeDecodeError, which h2 catches with it)
+        # cannot be decoded is h2's ProtocolError "Error decoding header block: ...", raised while
+        # handling hpack's error (or an IndexError, TypeError or UnicodeDecodeError, which h2 catches
+        # with it); h2 4.1 chains it implicitly, later versions explicitly
         exc = sys.exc_info()[1]
         if (error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR and isinstance(exc, h2.exceptions.ProtocolError)
-                and isinstance(exc.__cause__, (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError))):
+                and str(exc).startswith("Error decoding header block")
+                and isinstance(exc.__cause__ or exc.__context__,
+                               (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError))):
             error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
         super()._terminate_connection(error_code)
 
