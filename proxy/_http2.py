@@ -1156,6 +1156,10 @@ async def serve(sidecar, stream: trio.abc.Stream, direction: str, peer: Peer = P
 
             conn.on_request = on_request
             try:
+                # our SETTINGS go before anything is read: the server's preface must be its first
+                # frame (RFC 9113 3.4), and h2 drops what it has queued when the client's GOAWAY
+                # arrives, so a client that ends at once would get our GOAWAY without it
+                await conn.flush()
                 if initial and not await conn.receive(initial):
                     return
                 await conn.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -15,8 +16,10 @@ import threading
 import time
 import uuid
 
+import hpack
 import httpx
 import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from h2_helpers import GOAWAY, PREFACE, BadHpackApp, H2App, H2Client, read_frames, split_frames
 from mtls_helpers import MeshCaEnv, sid
 from prometheus_client.parser import text_string_to_metric_families
@@ -412,3 +415,71 @@ def test_h2_between_sidecars_over_mtls_with_alpn_h2(tls_pair, curl):
     r = subprocess.run([curl, "-sS", "--max-time", "20", "-H", "Host: shop1", f"http://{web.outbound}/h1"],
                        capture_output=True, timeout=30)
     assert json.loads(r.stdout)["service"] == "shop1", r.stderr
+
+
+# -- fuzz ------------------------------------------------------------------------------------
+
+def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+
+_GET = hpack.Encoder().encode([(":method", "GET"), (":scheme", "http"), (":authority", "echo"), (":path", "/fuzz")])
+#: A whole h2c request: the preface, empty SETTINGS, HEADERS (END_HEADERS | END_STREAM) on stream 1.
+_H2_REQUEST = PREFACE + _frame(0x4, 0, 0, b"") + _frame(0x1, 0x5, 1, _GET)
+_PAYLOADS = st.one_of(st.binary(max_size=40), st.just(_GET), st.just(_GET[:3]), st.just(b"\x00" * 8),
+                      st.just(b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x04\x7f\xff\xff\xff"))
+
+
+@st.composite
+def _h2_input(draw):
+    """A whole request followed by frames of any type, flags, stream and payload; or its bytes
+    mutated (flipped, cut, spliced)."""
+    if draw(st.booleans()):
+        frames = draw(st.lists(st.tuples(st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0x9, 0xA, 0x20]),
+                                         st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
+                                         _PAYLOADS), min_size=1, max_size=6))
+        return _H2_REQUEST + b"".join(_frame(*f) for f in frames)
+    data = bytearray(_H2_REQUEST)
+    lo = 0 if draw(st.integers(0, 4)) == 0 else len(PREFACE)  # mostly past the preface: HTTP/2's parsing
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(min(lo, len(data) - 1), len(data) - 1)) if data else 0
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if op == "flip" and data:
+            data[i] ^= draw(st.integers(1, 255))
+        elif op == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete" and data:
+            del data[i:i + draw(st.integers(1, 8))]
+        elif op == "truncate":
+            del data[i:]
+    return bytes(data)
+
+
+@given(_h2_input(), st.booleans())
+# found by this test: the client's GOAWAY, then a frame that breaks the protocol; h2 drops what it
+# had queued on the GOAWAY, so our GOAWAY went out without the SETTINGS that must come first
+@example(_H2_REQUEST + _frame(0x7, 0, 0, bytes(8)) + _frame(0x0, 0, 0, b"x"), False)
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_h2c_bytes_get_frames_or_a_close_and_the_sidecar_goes_on(h2mesh, data, inbound):
+    """Whatever arrives where an h2c client speaks: well-formed HTTP/2 frames back (the server's
+    SETTINGS first; GOAWAY with a defined code), or an HTTP/1.1 answer when the bytes no longer
+    start with the preface, or a close; and both sidecars still serve."""
+    front, echo, _ = h2mesh
+    with socket.create_connection(echo.inbound if inbound else front.outbound, timeout=5) as sock:
+        out = b""
+        try:
+            sock.sendall(data)
+            out = read_until_closed(sock, timeout=0.1)  # answers to what was whole: until 0.1 s of quiet
+            sock.shutdown(socket.SHUT_WR)  # then the end of the input: nothing waits out a timeout
+        except OSError:
+            pass  # refused and closed before all of it was sent
+        out += read_until_closed(sock, timeout=10)
+    if out.startswith(b"HTTP/1."):
+        assert re.match(rb"HTTP/1\.1 [1-5]\d\d ", out), out[:200]
+    elif out:
+        frames = split_frames(out)  # a reset may have cut the last one: its type is still whole
+        assert frames and frames[0][0] == 0x4, out[:200]  # the server's preface: SETTINGS
+        assert all(f[0] <= 0x9 for f in frames), frames
+        assert all(int.from_bytes(f[3][4:8], "big") <= 0xD for f in frames if f[0] == GOAWAY and len(f[3]) >= 8), frames
+    for sc in (front, echo):
+        assert sc.proc.poll() is None, sc.stderr()
