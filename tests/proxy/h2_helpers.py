@@ -133,16 +133,16 @@ class H2App(ThreadedServer):
 SERVICE = "test.Echo"
 
 
-class BadHpackApp(ThreadedServer):
-    """An h2c app (h2 for the connection) whose every answer is a header block that cannot be
-    decoded: ``:status 200``, then an indexed field past the static table, the dynamic table being
-    empty. Its peer must end the connection with COMPRESSION_ERROR; ``goaway_codes`` are the codes
-    of the GOAWAYs it received."""
+class ScriptedH2App(ThreadedServer):
+    """An h2c app (h2 for the connection's own frames) that answers each request with raw bytes:
+    ``answer(stream_id)``, whatever they are. ``requests`` counts the requests it received,
+    ``goaway_codes`` are the codes of the GOAWAYs it received."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer=lambda sid: b"") -> None:
         super().__init__()
-        self.goaway_codes: list[int] = []
+        self.answer = answer
         self.requests = 0
+        self.goaway_codes: list[int] = []
 
     def serve(self, s: socket.socket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
@@ -151,16 +151,25 @@ class BadHpackApp(ThreadedServer):
             with s:
                 s.sendall(conn.data_to_send())
                 while data := s.recv(65536):
-                    bad = b""
+                    raw = b""
                     for ev in conn.receive_data(data):
-                        if isinstance(ev, h2.events.RequestReceived):  # HEADERS, END_HEADERS | END_STREAM
+                        if isinstance(ev, h2.events.RequestReceived):
                             self.requests += 1
-                            bad += b"\x00\x00\x02\x01\x05" + ev.stream_id.to_bytes(4, "big") + b"\x88\xe4"
+                            raw += self.answer(ev.stream_id)
                         elif isinstance(ev, h2.events.ConnectionTerminated):
                             self.goaway_codes.append(int(ev.error_code))
-                    s.sendall(conn.data_to_send() + bad)
+                    s.sendall(conn.data_to_send() + raw)
         except (OSError, h2.exceptions.ProtocolError):
             pass
+
+
+class BadHpackApp(ScriptedH2App):
+    """Answers every request with a header block that cannot be decoded: ``:status 200``, then an
+    indexed field past the static table, the dynamic table being empty. Its peer must end the
+    connection with COMPRESSION_ERROR."""
+
+    def __init__(self) -> None:  # HEADERS, END_HEADERS | END_STREAM
+        super().__init__(lambda sid: b"\x00\x00\x02\x01\x05" + sid.to_bytes(4, "big") + b"\x88\xe4")
 
 
 def _unary(request: bytes, context) -> bytes:

@@ -20,7 +20,7 @@ import hpack
 import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
-from h2_helpers import GOAWAY, PREFACE, BadHpackApp, H2App, H2Client, read_frames, split_frames
+from h2_helpers import GOAWAY, PREFACE, BadHpackApp, H2App, H2Client, ScriptedH2App, read_frames, split_frames
 from mtls_helpers import MeshCaEnv, sid
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_harness import (
@@ -37,19 +37,21 @@ def h2mesh(otlp, tmp_path_factory):
     time) and ``echo`` (inbound -> an h2c app). echo's routes: ``/sleep/2`` times out after 300 ms,
     ``/status/*`` is retried twice on 5xx."""
     work = tmp_path_factory.mktemp("h2")
-    app, bad = H2App(), BadHpackApp()
+    app, bad, scripted = H2App(), BadHpackApp(), ScriptedH2App()
     cfg = work / "mesh.yaml"
     echo_admin, front_admin = distinct_ports(2)
     echo = SidecarProc(work, "echo", app.addr, otlp.addr, config=cfg, extra=("--admin", f"127.0.0.1:{echo_admin}"))
     front = SidecarProc(work, "front", app.addr, otlp.addr, config=cfg, extra=("--admin", f"127.0.0.1:{front_admin}"))
     echo.admin, front.admin = Addr("127.0.0.1", echo_admin), Addr("127.0.0.1", front_admin)
-    front.badhpack = bad  # for the test of an app that breaks the protocol
+    front.badhpack, front.scripted = bad, scripted  # apps that break the protocol, for the tests
     write_mesh(cfg, {
         "services": {
             "echo": {"endpoints": [{"address": str(echo.inbound), "version": "v1"}]},
             "front": {"endpoints": [{"address": str(front.inbound), "version": "v1"}]},
             "badhpack": {"endpoints": [{"address": str(bad.addr), "version": "v1"}],
                          "ports": [{"port": bad.addr.port, "protocol": "http2"}]},
+            "scripted": {"endpoints": [{"address": str(scripted.addr), "version": "v1"}],
+                         "ports": [{"port": scripted.addr.port, "protocol": "http2"}]},
             "slow": {"endpoints": [{"address": str(app.addr), "version": "v1"}],
                      "traffic_policy": {"connection_pool": {"max_requests": 1}}},
         },
@@ -59,9 +61,11 @@ def h2mesh(otlp, tmp_path_factory):
             {"service": "echo", "name": "retried", "match": [{"path": {"prefix": "/status/"}}],
              "destinations": [{"version": "v1"}], "retries": {"attempts": 2, "retry_on": "5xx"}},
             {"service": "echo", "name": "default", "destinations": [{"version": "v1"}]},
+            # an answer that never ends must not hold a fuzz example for 15 s
+            {"service": "scripted", "destinations": [{"version": "v1"}], "timeout": "300ms"},
         ],
     })
-    with serving(start_all([echo, front]), app, bad):
+    with serving(start_all([echo, front]), app, bad, scripted):
         yield front, echo, app
 
 
@@ -481,5 +485,53 @@ def test_any_h2c_bytes_get_frames_or_a_close_and_the_sidecar_goes_on(h2mesh, dat
         assert frames and frames[0][0] == 0x4, out[:200]  # the server's preface: SETTINGS
         assert all(f[0] <= 0x9 for f in frames), frames
         assert all(int.from_bytes(f[3][4:8], "big") <= 0xD for f in frames if f[0] == GOAWAY and len(f[3]) >= 8), frames
+    for sc in (front, echo):
+        assert sc.proc.poll() is None, sc.stderr()
+
+
+_OK_HEADERS = hpack.Encoder().encode([(":status", "200"), ("content-type", "text/plain")])
+
+
+@st.composite
+def _h2_answer(draw):
+    """What an app sends on a request's stream (``None``: that stream's id): a whole answer (HEADERS,
+    DATA, END_STREAM) followed by frames of any kind, or its bytes mutated."""
+    answer = [(0x1, 0x4, None, _OK_HEADERS), (0x0, 0x1, None, b"hello")]
+    if draw(st.booleans()):
+        extra = draw(st.lists(st.tuples(st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0x9, 0x20]),
+                                        st.integers(0, 255), st.sampled_from([None, 0, 2, 3, 4, 2**31 - 1]),
+                                        st.one_of(st.binary(max_size=24), st.just(_OK_HEADERS))),
+                              min_size=1, max_size=4))
+        answer = draw(st.permutations(answer + extra))
+        return answer, None
+    flips = draw(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 255)), min_size=1, max_size=3))
+    cut = draw(st.one_of(st.none(), st.integers(0, 60)))
+    return answer, (flips, cut)
+
+
+def _render(answer, mutation, sid: int) -> bytes:
+    data = bytearray(b"".join(_frame(t, f, sid if s is None else s, p) for t, f, s, p in answer))
+    if mutation is not None:
+        flips, cut = mutation
+        for i, x in flips:
+            if i < len(data):
+                data[i] ^= x
+        if cut is not None:
+            del data[cut:]
+    return bytes(data)
+
+
+@given(_h2_answer())
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_answer_from_an_h2c_app_gets_the_client_an_answer_and_the_sidecar_goes_on(h2mesh, spec):
+    """An app (declared http2) that answers with anything: the HTTP/1.1 client in front gets a
+    well-formed response (the app's, or the sidecar's own 5xx), and the sidecar goes on."""
+    front, echo, _ = h2mesh
+    answer, mutation = spec
+    front.scripted.answer = lambda sid: _render(answer, mutation, sid)
+    with socket.create_connection(front.outbound, timeout=10) as sock:
+        sock.sendall(b"GET /fuzz HTTP/1.1\r\nHost: scripted\r\nConnection: close\r\n\r\n")
+        out = read_until_closed(sock, timeout=10)
+    assert re.match(rb"HTTP/1\.1 [1-5]\d\d ", out), out[:300]
     for sc in (front, echo):
         assert sc.proc.poll() is None, sc.stderr()
