@@ -237,15 +237,22 @@ def _start_collector(workdir: Path, store: str = "store"):
             time.sleep(0.1)
 
 
+def _start_senders(port: int, payloads: list[bytes], n_exports: int, senders: int, q) -> list[mp.Process]:
+    """*senders* processes of 4 threads each, exporting *n_exports* in all to *port*; each puts its
+    (latencies, retries) on *q* when done."""
+    per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
+    procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{port}", payloads, n, 4, q)) for n in per]
+    for p in procs:
+        p.start()
+    return procs
+
+
 def measure_collector(payloads: list[bytes], n_exports: int, senders: int, workdir: Path) -> dict:
     proc, grpc_port, api, log = _start_collector(workdir)
     try:
         cpu0, faults0, threads0, t0 = _cpu_s(proc.pid), _minor_faults(proc.pid), _thread_ticks(proc.pid), time.perf_counter()
         q = mp.Queue()
-        per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
-        procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{grpc_port}", payloads, n, 4, q)) for n in per]
-        for p in procs:
-            p.start()
+        procs = _start_senders(grpc_port, payloads, n_exports, senders, q)
         target = n_exports * SPANS_PER_EXPORT
         last_print = 0.0
         while True:
@@ -447,9 +454,10 @@ def measure_pace(payloads: list[bytes], spans_per_s: int, seconds: float, workdi
 
 
 _LAYER_SERVER = r"""
-import os, sys, tempfile, threading
-from tracemesh._proc import KEEP_FREED_MAX_BYTES, freeze_startup_objects, keep_freed_memory, name_os_thread
-from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, WORKER_THREADS, start_grpc
+import sys, tempfile, threading
+from tracemesh._proc import KEEP_FREED_MAX_BYTES, freeze_startup_objects, keep_freed_memory
+from tracemesh.collector._grpc import MAX_MESSAGE_BYTES, start_grpc
+from tracemesh.collector._otlp import use_native_traces
 layer, workdir = sys.argv[1], sys.argv[2]
 
 class Pipeline:  # the receiver's side of tracemesh.collector._pipeline.Pipeline, nothing stored
@@ -466,23 +474,11 @@ class Pipeline:  # the receiver's side of tracemesh.collector._pipeline.Pipeline
                 with self.lock:
                     self.wal.release(seq)
 
-if layer == "grpcio":  # the receiver's server, as start_grpc makes it, with handlers that do nothing
-    import grpc
-    from concurrent import futures
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc",
-                                                    initializer=name_os_thread),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "opentelemetry.proto.collector.trace.v1.TraceService",
-        {"Export": grpc.unary_unary_rpc_method_handler(lambda data, ctx: b"", request_deserializer=None,
-                                                       response_serializer=lambda b: b)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-else:  # the collector's own receiver: the check of each export, then (wal) the write-ahead log
-    from tracemesh.collector._otlp import use_native_traces
-    use_native_traces(True)  # as the collector on its embedded store (the C check when it is built)
-    server, port = start_grpc("127.0.0.1:0", Pipeline())
+use_native_traces(True)  # as the collector on its embedded store (the C check when it is built)
+# grpcio: the receiver's server with handlers that do nothing; else its own handlers, which check
+# each export and (wal) log it
+extra = {"handler": lambda signal, pipeline: lambda data, ctx: b""} if layer == "grpcio" else {}
+server, port = start_grpc("127.0.0.1:0", Pipeline(), **extra)
 freeze_startup_objects()
 keep_freed_memory(min(MAX_MESSAGE_BYTES, KEEP_FREED_MAX_BYTES))  # as the collector does
 print(port, flush=True)
@@ -513,15 +509,11 @@ def measure_layer(layer: str, payloads: list[bytes], n_exports: int, senders: in
     try:
         port = int(proc.stdout.readline())
         q = mp.Queue()
-        warm = mp.Process(target=_sender, args=(f"127.0.0.1:{port}", payloads, 50, 4, q))
-        warm.start()
-        q.get()
-        warm.join()
+        for warm in _start_senders(port, payloads, 50, 1, q):
+            q.get()
+            warm.join()
         cpu0, threads0, ctx0 = _cpu_s(proc.pid), _thread_ticks(proc.pid), _ctx_switches(proc.pid)
-        per = [n_exports // senders + (1 if i < n_exports % senders else 0) for i in range(senders)]
-        procs = [mp.Process(target=_sender, args=(f"127.0.0.1:{port}", payloads, n, 4, q)) for n in per]
-        for p in procs:
-            p.start()
+        procs = _start_senders(port, payloads, n_exports, senders, q)
         errors = sum(q.get()[1] for _ in procs)
         for p in procs:
             p.join()
@@ -543,11 +535,8 @@ def measure_layers(payloads: list[bytes], n_exports: int, senders: int, workdir:
         for layer in LAYERS:
             print(f"layers: {layer}, round {r + 1} of {rounds}", file=sys.stderr)
             runs[layer].append(measure_layer(layer, payloads, n_exports, senders, workdir))
-    return {layer: {"cpu_us_per_span": [m["cpu_us_per_span"] for m in ms],
-                    "handlers_us_per_span": [m["handlers_us_per_span"] for m in ms],
-                    "grpc_core_and_other_us_per_span": [m["grpc_core_and_other_us_per_span"] for m in ms],
-                    "context_switches_per_export": [m["context_switches_per_export"] for m in ms],
-                    "errors": sum(m["errors"] for m in ms)} for layer, ms in runs.items()}
+    return {layer: {**{k: [m[k] for m in ms] for k in ms[0] if k != "errors"}, "errors": sum(m["errors"] for m in ms)}
+            for layer, ms in runs.items()}
 
 
 def write_payloads(payloads: list[bytes], workdir: Path) -> list[str]:

@@ -60,9 +60,10 @@ def _handler(signal: Signal, pipeline: Pipeline):
 
 
 def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_BYTES,
-               extra_handlers: tuple[grpc.GenericRpcHandler, ...] = ()) -> tuple[grpc.Server, int]:
+               extra_handlers: tuple[grpc.GenericRpcHandler, ...] = (), handler=_handler) -> tuple[grpc.Server, int]:
     """Start the receiver on *addr* (``host:port``); return the server and the bound port.
-    *extra_handlers* are served on the same port (the mesh CA's bootstrap door)."""
+    *extra_handlers* are served on the same port (the mesh CA's bootstrap door). *handler(signal,
+    pipeline)* makes each signal's Export function (benchmarks/collector.py --layers swaps it)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc", initializer=name_os_thread),
         options=[
@@ -72,11 +73,10 @@ def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_
         ],
     )
     for signal in SIGNALS.values():
-        handler = grpc.method_handlers_generic_handler(signal.grpc_service, {
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(signal.grpc_service, {
             "Export": grpc.unary_unary_rpc_method_handler(
-                _handler(signal, pipeline), request_deserializer=None, response_serializer=lambda b: b),
-        })
-        server.add_generic_rpc_handlers((handler,))
+                handler(signal, pipeline), request_deserializer=None, response_serializer=lambda b: b),
+        }),))
     if extra_handlers:
         server.add_generic_rpc_handlers(tuple(extra_handlers))
     port = server.add_insecure_port(addr)

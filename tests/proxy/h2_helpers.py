@@ -169,7 +169,7 @@ class BadHpackApp(ScriptedH2App):
     connection with COMPRESSION_ERROR."""
 
     def __init__(self) -> None:  # HEADERS, END_HEADERS | END_STREAM
-        super().__init__(lambda sid: b"\x00\x00\x02\x01\x05" + sid.to_bytes(4, "big") + b"\x88\xe4")
+        super().__init__(lambda sid: frame(0x1, 0x5, sid, b"\x88\xe4"))
 
 
 def _unary(request: bytes, context) -> bytes:
@@ -274,6 +274,11 @@ def split_frames(buf: bytes) -> list[tuple[int, int, int, bytes]]:
 
 
 GOAWAY = 0x7
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame's bytes, whatever its fields say (for what a real peer would not send)."""
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
 
 
 class H2Client:

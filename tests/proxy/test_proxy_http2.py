@@ -20,7 +20,9 @@ import hpack
 import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
-from h2_helpers import GOAWAY, PREFACE, BadHpackApp, H2App, H2Client, ScriptedH2App, read_frames, split_frames
+from h2_helpers import (
+    GOAWAY, PREFACE, BadHpackApp, H2App, H2Client, ScriptedH2App, frame, read_frames, split_frames,
+)
 from mtls_helpers import MeshCaEnv, sid
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_harness import (
@@ -34,8 +36,10 @@ from tracemesh.net import Addr
 @pytest.fixture(scope="module")
 def h2mesh(otlp, tmp_path_factory):
     """``front`` (outbound: ``echo`` -> echo's sidecar; ``slow`` -> the app itself, one request at a
-    time) and ``echo`` (inbound -> an h2c app). echo's routes: ``/sleep/2`` times out after 300 ms,
-    ``/status/*`` is retried twice on 5xx."""
+    time) and ``echo`` (inbound -> an h2c app), each with an admin endpoint (``.admin``). echo's
+    routes: ``/sleep/2`` times out after 300 ms, ``/status/*`` is retried twice on 5xx. Apps that
+    break the protocol, declared http2, reached through front: ``badhpack`` (``front.badhpack``)
+    and ``scripted`` (``front.scripted``, whose answers a test sets; a 300 ms route timeout)."""
     work = tmp_path_factory.mktemp("h2")
     app, bad, scripted = H2App(), BadHpackApp(), ScriptedH2App()
     cfg = work / "mesh.yaml"
@@ -253,10 +257,9 @@ def test_protocol_errors_get_goaway_and_the_sidecar_keeps_serving(h2mesh, curl):
         assert int.from_bytes(goaways[0][3][4:8], "big") == 1  # PROTOCOL_ERROR
     # a header block that cannot be decoded (an indexed field past the static table, the dynamic one
     # empty): COMPRESSION_ERROR (RFC 9113 4.3), and the streams before it were processed
-    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    bad_headers = b"\x00\x00\x02\x01\x05\x00\x00\x00\x01" + b"\x82\xe4"  # :method GET, then index 100
+    bad_headers = frame(0x1, 0x5, 1, b"\x82\xe4")  # :method GET, then index 100
     for addr in (front.outbound, echo.inbound):
-        frames = _goaway_after(addr, PREFACE + settings + bad_headers)
+        frames = _goaway_after(addr, PREFACE + frame(0x4, 0, 0, b"") + bad_headers)
         assert [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY] == [9], frames
     # a frame header announcing 16 MiB: refused on sight (FRAME_SIZE_ERROR), not buffered first
     frames = _goaway_after(front.outbound, PREFACE + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01" + b"x" * 100)
@@ -423,13 +426,9 @@ def test_h2_between_sidecars_over_mtls_with_alpn_h2(tls_pair, curl):
 
 # -- fuzz ------------------------------------------------------------------------------------
 
-def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
-
-
 _GET = hpack.Encoder().encode([(":method", "GET"), (":scheme", "http"), (":authority", "echo"), (":path", "/fuzz")])
 #: A whole h2c request: the preface, empty SETTINGS, HEADERS (END_HEADERS | END_STREAM) on stream 1.
-_H2_REQUEST = PREFACE + _frame(0x4, 0, 0, b"") + _frame(0x1, 0x5, 1, _GET)
+_H2_REQUEST = PREFACE + frame(0x4, 0, 0, b"") + frame(0x1, 0x5, 1, _GET)
 _PAYLOADS = st.one_of(st.binary(max_size=40), st.just(_GET), st.just(_GET[:3]), st.just(b"\x00" * 8),
                       st.just(b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x04\x7f\xff\xff\xff"))
 
@@ -442,7 +441,7 @@ def _h2_input(draw):
         frames = draw(st.lists(st.tuples(st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0x9, 0xA, 0x20]),
                                          st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
                                          _PAYLOADS), min_size=1, max_size=6))
-        return _H2_REQUEST + b"".join(_frame(*f) for f in frames)
+        return _H2_REQUEST + b"".join(frame(*f) for f in frames)
     data = bytearray(_H2_REQUEST)
     lo = 0 if draw(st.integers(0, 4)) == 0 else len(PREFACE)  # mostly past the preface: HTTP/2's parsing
     for _ in range(draw(st.integers(1, 4))):
@@ -462,7 +461,7 @@ def _h2_input(draw):
 @given(_h2_input(), st.booleans())
 # found by this test: the client's GOAWAY, then a frame that breaks the protocol; h2 drops what it
 # had queued on the GOAWAY, so our GOAWAY went out without the SETTINGS that must come first
-@example(_H2_REQUEST + _frame(0x7, 0, 0, bytes(8)) + _frame(0x0, 0, 0, b"x"), False)
+@example(_H2_REQUEST + frame(0x7, 0, 0, bytes(8)) + frame(0x0, 0, 0, b"x"), False)
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_h2c_bytes_get_frames_or_a_close_and_the_sidecar_goes_on(h2mesh, data, inbound):
     """Whatever arrives where an h2c client speaks: well-formed HTTP/2 frames back (the server's
@@ -510,7 +509,7 @@ def _h2_answer(draw):
 
 
 def _render(answer, mutation, sid: int) -> bytes:
-    data = bytearray(b"".join(_frame(t, f, sid if s is None else s, p) for t, f, s, p in answer))
+    data = bytearray(b"".join(frame(t, f, sid if s is None else s, p) for t, f, s, p in answer))
     if mutation is not None:
         flips, cut = mutation
         for i, x in flips:
