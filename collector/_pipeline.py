@@ -1,8 +1,8 @@
 """From an acknowledged export to stored rows: WAL first, then batched columnar inserts.
 
 A receiver validates and encodes an export, then calls :meth:`Pipeline.submit`, which appends the
-raw request to the write-ahead log (group commit) and returns only once it is on disk; only then is
-the export acknowledged. The encoded rows wait in memory for the writer thread, up to
+raw request to the write-ahead log (group commit) and returns only once it is on disk (or, given a
+callback, calls it then); only then is the export acknowledged. The encoded rows wait in memory for the writer thread, up to
 ``max_memory_rows``; beyond that an entry keeps only its place in the log (spooled) and is decoded
 again from the log when its turn comes (a batch kept as protobuf bytes is rebuilt from it without
 being parsed again). When the log itself is full, :class:`Backpressure` tells
@@ -199,16 +199,22 @@ class Pipeline:
         # thousands of records wait, and /api/stats and /metrics are polled
         return self._pending_rows
 
-    def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0) -> int | None:
+    def submit(self, kind: int, payload: bytes, batches: dict, rejected: int = 0, on_durable=None) -> int | None:
         """Make one export durable and queue its rows; return its sequence number (None when the
         export had nothing valid to store: only its rejections are counted).
 
         Blocks until the record is on disk (group commit). Raises Backpressure when the log is full
         or the collector is stopping; then nothing was kept and the sender must retry.
+
+        With *on_durable*, returns once the record is written: ``on_durable(None)`` runs once it is
+        on disk (then, and only then, the export may be acknowledged), ``on_durable(exc)`` when the
+        log could not sync it; at once when there was nothing to store.
         """
         rows = sum(len(b) for b in batches.values())
         if not rows:
             self.stats.rejected_rows += rejected
+            if on_durable is not None:
+                on_durable(None)
             return None
         w = weight(batches)
 
@@ -222,22 +228,29 @@ class Pipeline:
                 else:
                     self._memory_rows += rows
 
+        def durable(error: Exception | None = None) -> None:
+            if error is None:
+                with self._cond:
+                    self.stats.exports += 1
+                    self.stats.received_rows += rows
+                    self.stats.rejected_rows += rejected
+                    self._cond.notify()
+            if on_durable is not None:
+                on_durable(error)
+
         if self._closing:
             self.stats.refused_exports += 1
             raise Backpressure("the collector is shutting down")
         try:
-            seq = self.wal.append(kind, payload, on_assigned=assigned)
+            seq = self.wal.append(kind, payload, on_assigned=assigned, on_durable=durable if on_durable else None)
         except WALFull as exc:
             self.stats.refused_exports += 1
             raise Backpressure(f"storage is behind: {exc}") from None
         except WALClosed:
             self.stats.refused_exports += 1
             raise Backpressure("the collector is shutting down") from None
-        with self._cond:
-            self.stats.exports += 1
-            self.stats.received_rows += rows
-            self.stats.rejected_rows += rejected
-            self._cond.notify()
+        if on_durable is None:
+            durable()
         return seq
 
     # -- writing -----------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Records are appended to segment files ``<first-seq>.wal`` (rotated at :data:`SEG
 each ``length u32 | crc32 u32 | seq u64 | kind u8 | payload``, the CRC covering seq, kind and
 payload. Appenders share fsyncs (group commit): the first one to wait becomes the leader, syncs
 everything written so far with the lock released, and wakes the others; under load one
-``fdatasync`` acknowledges many exports.
+``fdatasync`` acknowledges many exports. An appender may instead pass ``on_durable`` and return
+as soon as its record is written: the leader runs the callback once a sync covers the record (and
+keeps syncing while such callbacks wait), so no thread sleeps per record. The gRPC receiver acks
+this way: a context switch saved per export is ~0.3 us a span on this machine.
 
 Opening scans the segments; a torn or corrupt tail (a crash mid-write) is cut off at the last
 whole record, so every record that was acknowledged (synced) survives and nothing half-written is
@@ -26,6 +29,7 @@ import mmap
 import os
 import struct
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -87,6 +91,15 @@ def _closed(m: mmap.mmap) -> bool:
     return True
 
 
+def _run(callbacks: list) -> None:
+    """Run on_durable callbacks; one that raises is logged and does not stop the others."""
+    for cb, error in callbacks:
+        try:
+            cb(error)
+        except Exception:
+            log.exception("an on_durable callback of the write-ahead log failed")
+
+
 def _crc(seq: int, kind: int, payload: bytes) -> int:
     return crc32(payload, crc32(struct.pack("<QB", seq, kind)))
 
@@ -115,6 +128,8 @@ class WAL:
         self._recover()
         self._syncing = False
         self._closed = False
+        #: (seq, on_durable) of records written but not yet known synced, in sequence order
+        self._callbacks: deque = deque()
         self.durable = self.next_seq - 1
         self.syncs = 0
 
@@ -226,59 +241,99 @@ class WAL:
         """Bytes on disk in segments not yet released."""
         return self._bytes
 
-    def append(self, kind: int, payload: bytes, on_assigned=None) -> int:
+    def append(self, kind: int, payload: bytes, on_assigned=None, on_durable=None) -> int:
         """Write one record and return its sequence number once it is on disk.
 
         *on_assigned(seq)* runs under the log's lock right after the record is written, so callers
         see records in sequence order. Raises WALFull (nothing written) or WALClosed.
+
+        With *on_durable*, return as soon as the record is written (not yet synced);
+        ``on_durable(None)`` runs once it is on disk, or ``on_durable(exc)`` when the sync failed
+        (OSError), in whichever thread syncs (perhaps this one, before returning), never under the lock.
         """
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"record of {len(payload)} bytes is larger than {MAX_RECORD_BYTES}")
         reclen = _HEADER.size + len(payload)
-        with self._lock:
-            while True:  # every wait below releases the lock: re-check everything after it
-                if self._closed:
-                    raise WALClosed("the write-ahead log is closed")
-                if self._seg_size > 0 and self._seg_size + reclen > self._segment_bytes:
-                    if self._syncing:  # never close the file a leader is syncing
-                        self._cond.wait()
+        done: list = []
+        try:
+            with self._lock:
+                while True:  # every wait below releases the lock: re-check everything after it
+                    if self._closed:
+                        raise WALClosed("the write-ahead log is closed")
+                    if self._seg_size > 0 and self._seg_size + reclen > self._segment_bytes:
+                        if self._syncing:  # never close the file a leader is syncing
+                            self._cond.wait()
+                            continue
+                        self._rotate()
                         continue
-                    self._rotate()
-                    continue
-                break
-            if self._bytes + len(payload) > self._max_bytes and self._bytes > 0:
-                raise WALFull(f"the write-ahead log holds {self._bytes} bytes not yet stored (limit {self._max_bytes})")
-            # the number is taken only now, with the lock held from here to the write
-            seq = self.next_seq
-            head = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind)
-            offset = self._seg_size
-            _write_all(self._fd, head, payload, offset)  # not head + payload: that copies an export (~400 KB)
-            self.next_seq = seq + 1
-            self._seg_size += reclen
-            self._bytes += reclen
-            self._index[seq] = _Loc(self._segments[-1][1], offset + _HEADER.size, len(payload))
-            if on_assigned is not None:
-                on_assigned(seq)
-            self._wait_durable(seq)
+                    break
+                if self._bytes + len(payload) > self._max_bytes and self._bytes > 0:
+                    raise WALFull(f"the write-ahead log holds {self._bytes} bytes not yet stored (limit {self._max_bytes})")
+                # the number is taken only now, with the lock held from here to the write
+                seq = self.next_seq
+                head = _HEADER.pack(len(payload), _crc(seq, kind, payload), seq, kind)
+                offset = self._seg_size
+                _write_all(self._fd, head, payload, offset)  # not head + payload: that copies an export (~400 KB)
+                self.next_seq = seq + 1
+                self._seg_size += reclen
+                self._bytes += reclen
+                self._index[seq] = _Loc(self._segments[-1][1], offset + _HEADER.size, len(payload))
+                if on_assigned is not None:
+                    on_assigned(seq)
+                if on_durable is None:
+                    while self.durable < seq:
+                        if self._syncing:
+                            self._cond.wait()
+                        else:
+                            self._lead(seq, done)
+                else:
+                    self._callbacks.append((seq, on_durable))
+                    if not self._syncing:
+                        try:
+                            self._lead(seq, done)
+                        except OSError as exc:  # the callbacks it covered, this one's too, are told
+                            log.error("write-ahead log: fdatasync failed: %s", exc)
+                self._ready(done)  # covered by a rotation's sync
+        finally:
+            _run(done)
         return seq
 
-    def _wait_durable(self, seq: int) -> None:
-        # called with the lock held
-        while self.durable < seq:
-            if self._syncing:
-                self._cond.wait()
-                continue
-            self._syncing = True
-            target, fd = self.next_seq - 1, self._fd
-            self._lock.release()
-            try:
-                if self._sync:
-                    os.fdatasync(fd)
-            finally:
+    def _ready(self, done: list) -> None:
+        """Move the callbacks of durable records to *done* (run once the lock is released)."""
+        cbs = self._callbacks
+        while cbs and cbs[0][0] <= self.durable:
+            done.append((cbs.popleft()[1], None))
+
+    def _lead(self, seq: int, done: list) -> None:
+        """Lock held, no leader: sync, with the lock released, until record *seq* and every record
+        with a callback are on disk. Callbacks of synced records run between syncs (outside the
+        lock); the last ones go to *done*. A failed sync fails the callbacks it should have covered
+        and raises."""
+        self._syncing = True
+        try:
+            while self.durable < seq or (self._callbacks and self._callbacks[-1][0] > self.durable):
+                target, fd = self.next_seq - 1, self._fd
+                ready, done[:] = done[:], []
+                self._lock.release()
+                try:
+                    _run(ready)
+                    if self._sync:
+                        os.fdatasync(fd)
+                except OSError as exc:
+                    self._lock.acquire()
+                    while self._callbacks and self._callbacks[0][0] <= target:
+                        done.append((self._callbacks.popleft()[1], exc))
+                    raise
+                except BaseException:
+                    self._lock.acquire()
+                    raise
                 self._lock.acquire()
-                self._syncing = False
                 self.syncs += 1
-            self.durable = max(self.durable, target)
+                self.durable = max(self.durable, target)
+                self._ready(done)
+                self._cond.notify_all()
+        finally:
+            self._syncing = False
             self._cond.notify_all()
 
     def _rotate(self) -> None:
@@ -377,5 +432,9 @@ class WAL:
             if self._sync:
                 os.fdatasync(self._fd)
             os.close(self._fd)
+            self.durable = self.next_seq - 1
+            done: list = []
+            self._ready(done)
+        _run(done)
         with self._maps_lock:
             self._maps.clear()

@@ -8,6 +8,7 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tracemesh.collector import _wal
 from tracemesh.collector._wal import WAL, WALClosed, WALFull, _write_all
 
 
@@ -412,3 +413,58 @@ def test_segments_written_over_never_bring_back_a_record_nor_lose_one(tmp_path_f
             assert {s for s in written if s > released} <= {s for s, *_ in got}
         assert len(list(d.glob("*.spare"))) <= spares
     w.close()
+
+
+def test_on_durable_runs_once_for_each_record_after_a_sync_covers_it(tmp_path):
+    """Appenders that do not wait (the gRPC receiver) and appenders that do (OTLP/HTTP) at once:
+    each callback runs exactly once, never before its record is synced, and syncs are shared."""
+    w = WAL(tmp_path)
+    calls: dict[tuple, list] = {}  # token -> [(error, w.durable when called)]
+    seqs: dict[tuple, int] = {}
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        for j in range(50):
+            if (i + j) % 3 == 0:
+                w.append(1, b"b" * 1000)  # blocking
+                continue
+
+            def cb(error, token=(i, j)):
+                with lock:
+                    calls.setdefault(token, []).append((error, w.durable))
+
+            seqs[(i, j)] = w.append(1, b"a" * 1000, on_durable=cb)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls.keys() == seqs.keys()
+    for token, seq in seqs.items():
+        assert len(calls[token]) == 1, (token, calls[token])
+        error, durable = calls[token][0]
+        assert error is None and durable >= seq
+    assert w.durable == w.next_seq - 1 == 400
+    assert w.syncs < 400  # shared
+    w.close()
+
+
+def test_a_failed_sync_fails_the_callbacks_it_covered_and_the_log_goes_on(tmp_path, monkeypatch):
+    w = WAL(tmp_path)
+    real = os.fdatasync
+    results: list = []
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_wal.os, "fdatasync", failing)
+    seq = w.append(1, b"x", on_durable=results.append)  # returns: the callback carries the error
+    assert len(results) == 1 and isinstance(results[0], OSError) and w.durable < seq
+    with pytest.raises(OSError):  # an appender that waits gets the error itself
+        w.append(1, b"y")
+    monkeypatch.setattr(_wal.os, "fdatasync", real)
+    seq = w.append(1, b"z", on_durable=results.append)
+    assert results[1:] == [None] and w.durable == seq
+    w.close()
+    assert [w2 for w2 in WAL(tmp_path).seqs()] == [1, 2, 3]  # written, and found at the next open
