@@ -24,8 +24,8 @@ sets 10).
     python benchmarks/collector.py --pace 4000 [--quick]
 
 ``--layers`` measures the receiving side alone, layer by layer, with the bulk run's senders and
-nothing stored: grpcio's bare server as the collector makes it (handlers that do nothing), then the
-collector's receiver with each export checked, then also written to a write-ahead log (group
+nothing stored: the receiver's gRPC server as the collector makes it, answering every export
+unread, then the collector's receiver with each export checked, then also written to a write-ahead log (group
 commit, segments released as a writer that keeps up would): the CPU a span costs each, split into
 the handler threads and grpcio's own, and context switches per export; three rounds alternated
 (one with ``--quick``). The collector's ``own_cpu_us_per_span_by_thread`` (handlers and grpcio)
@@ -467,18 +467,20 @@ class Pipeline:  # the receiver's side of tracemesh.collector._pipeline.Pipeline
             from tracemesh.collector._wal import WAL
             self.wal = WAL(tempfile.mkdtemp(dir=workdir))
             self.lock = threading.Lock()
-    def submit(self, kind, payload, batches, rejected=0):
-        if self.wal is not None:
-            seq = self.wal.append(kind, payload)
-            if seq % 32 == 0:  # as a writer that keeps up: segments released, their files reused
-                with self.lock:
-                    self.wal.release(seq)
+    def submit(self, kind, payload, batches, rejected=0, on_durable=None):
+        if self.wal is None:
+            if on_durable is not None:
+                on_durable(None)
+            return
+        seq = self.wal.append(kind, payload, on_durable=on_durable)
+        if seq % 32 == 0:  # as a writer that keeps up: segments released, their files reused
+            with self.lock:
+                self.wal.release(min(seq, self.wal.durable))
 
 use_native_traces(True)  # as the collector on its embedded store (the C check when it is built)
-# grpcio: the receiver's server with handlers that do nothing; else its own handlers, which check
-# each export and (wal) log it
-extra = {"handler": lambda signal, pipeline: lambda data, ctx: b""} if layer == "grpcio" else {}
-server, port = start_grpc("127.0.0.1:0", Pipeline(), **extra)
+# grpcio: the receiver's server answering every export unread; else as the collector, which checks
+# each export and (wal) logs it
+server, port = start_grpc("127.0.0.1:0", Pipeline(), bare=layer == "grpcio")
 freeze_startup_objects()
 keep_freed_memory(min(MAX_MESSAGE_BYTES, KEEP_FREED_MAX_BYTES))  # as the collector does
 print(port, flush=True)

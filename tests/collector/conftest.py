@@ -98,9 +98,10 @@ def chdb_dir(tmp_path_factory) -> Path:
 class Collector(CollectorProcess):
     """``tracemesh collector`` as a subprocess on free loopback ports, its output in a file."""
 
-    def __init__(self, cmd: list[str], store: Path, log: Path, otlp_http: bool = False, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, cmd: list[str], store: Path, log: Path, otlp_http: bool = False, extra: tuple[str, ...] = (),
+                 env: dict | None = None) -> None:
         self.cmd, self.store, self.log = cmd, Path(store), Path(log)
-        self.otlp_http, self.extra = otlp_http, tuple(extra)
+        self.otlp_http, self.extra, self.env = otlp_http, tuple(extra), env
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Collector":
@@ -113,7 +114,7 @@ class Collector(CollectorProcess):
             self.proc = subprocess.Popen(
                 [*self.cmd, "collector", "--store", str(self.store), "--otlp-grpc", self.grpc_addr,
                  "--otlp-http", http_addr, "--api", f"127.0.0.1:{self.api_port}", *self.extra],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out, stderr=subprocess.STDOUT, env=self.env,
             )
         self.wait_http_ready()
         return self
@@ -148,9 +149,9 @@ def collector_factory(tmp_path_factory, tracemesh_cmd):
     """Start collectors that are stopped (SIGTERM, then kill) when the module is done."""
     started: list[Collector] = []
 
-    def make(store: Path | None = None, extra: tuple[str, ...] = ()) -> Collector:
+    def make(store: Path | None = None, extra: tuple[str, ...] = (), env: dict | None = None) -> Collector:
         base = tmp_path_factory.mktemp("collector")
-        c = Collector(tracemesh_cmd, store or base / "store", base / "collector.log", extra=extra)
+        c = Collector(tracemesh_cmd, store or base / "store", base / "collector.log", extra=extra, env=env)
         started.append(c)
         return c.start()
 

@@ -23,9 +23,23 @@ MiB = 1024 * 1024
 TRACE_SERVICE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
-@pytest.fixture(scope="module")
-def collector(collector_factory):
-    return collector_factory()
+@pytest.fixture(scope="module", params=["core", "grpcio"])
+def collector(collector_factory, request):
+    """Every test here runs on both OTLP/gRPC servers (collector/_grpc.py): grpcio's core driven by
+    the collector's workers, the default, and grpc.server, its fallback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRACEMESH_GRPC_SERVER"}
+    if request.param == "grpcio":
+        env["TRACEMESH_GRPC_SERVER"] = "grpcio"
+    c = collector_factory(env=env)
+    threads = set()
+    for task in Path(f"/proc/{c.proc.pid}/task").iterdir():
+        try:
+            threads.add((task / "comm").read_text().strip())
+        except OSError:
+            pass
+    # the two are told apart by their threads: grpc.server's pool starts its threads per call
+    assert any(t.startswith("otlp-grpc_") for t in threads) == (request.param == "core"), threads
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +195,57 @@ def test_oversized_message_is_refused_and_a_large_one_accepted(collector, channe
     assert "larger than max" in err.value.details()
     still_serving(collector, channel, otlp)
     assert collector.rows(f"SELECT toString(count()) AS c FROM otel_traces WHERE TraceId = '{tid.hex()}'") == [{"c": "0"}]
+
+
+def test_gzip_compressed_exports_are_stored(collector, otlp):
+    """The SDK exporter with gzip (OTEL_EXPORTER_OTLP_COMPRESSION=gzip): grpcio's core inflates it."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "zipped"}))
+    provider.add_span_processor(SimpleSpanProcessor(
+        OTLPSpanExporter(endpoint=collector.grpc_addr, insecure=True, compression=grpc.Compression.Gzip)))
+    with provider.get_tracer("t").start_as_current_span("gz", attributes={"pad": "z" * 10_000}) as span:
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    provider.shutdown()
+    rows = collector.wait_rows(f"SELECT ServiceName, length(SpanAttributes['pad']) AS n FROM otel_traces "
+                               f"WHERE TraceId = '{trace_id}'", 1)
+    assert rows == [{"ServiceName": "zipped", "n": 10_000}]
+
+
+def test_a_call_without_a_message_or_to_an_unknown_method_is_refused_and_serving_goes_on(collector, channel, otlp):
+    with pytest.raises(grpc.RpcError) as err:  # a stream half-closed before any message
+        channel.stream_unary(TRACE_SERVICE_EXPORT)(iter(()), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "requires exactly one request message" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Nope")(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    still_serving(collector, channel, otlp)
+
+
+def test_an_export_abandoned_by_its_sender_is_still_stored_and_serving_goes_on(collector, otlp):
+    """A sender that gives up (its deadline passes, its channel closes) while its exports are being
+    logged: what was logged is stored, and the receiver's workers are all still there."""
+    tid = os.urandom(16)
+    ch = grpc.insecure_channel(collector.grpc_addr)
+    futures_ = [exporter(ch).future(otlp.request(otlp.span(f"gone{i}", trace_id=tid, span_id=os.urandom(8))), timeout=10)
+                for i in range(40)]
+    ch.close()  # cancels what has not been answered yet
+    acked = 0
+    for f in futures_:
+        try:
+            f.result()
+            acked += 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.CANCELLED
+    with grpc.insecure_channel(collector.grpc_addr) as ch2:
+        # more calls at once than the receiver has workers: none was lost to the cancelled ones
+        ok = [exporter(ch2).future(otlp.request(otlp.span("after", trace_id=tid, span_id=os.urandom(8))), timeout=10)
+              for _ in range(16)]
+        for f in ok:
+            f.result()
+    rows = collector.wait_rows(f"SELECT SpanName FROM otel_traces WHERE TraceId = '{tid.hex()}' AND SpanName = 'after'", 16)
+    assert len(rows) == 16
+    gone = collector.rows(f"SELECT SpanName FROM otel_traces WHERE TraceId = '{tid.hex()}' AND SpanName LIKE 'gone%'")
+    assert len(gone) >= acked  # every acknowledged one; the cancelled ones too if they were logged
 
 
 def test_concurrent_senders_every_span_stored(collector, otlp):
