@@ -251,6 +251,7 @@ class Distributor:
         self._ep_key: tuple = ()
         self._refused: dict | None = None
         self._dirty_since: float | None = None
+        self._building = False  # a snapshot is being built from changes no longer counted in _dirty_since
         self._last_change = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -283,6 +284,8 @@ class Distributor:
     def _changed_threadsafe(self) -> None:
         loop = self._loop
         if loop is not None:
+            if self._dirty_since is None:  # pending from now on, not from when the loop gets to it
+                self._dirty_since = time.monotonic()
             loop.call_soon_threadsafe(self._changed)
 
     def _changed(self) -> None:
@@ -318,12 +321,15 @@ class Distributor:
                     await asyncio.sleep(due - now)
                 # whatever changes from here on is after what this rebuild reads: a new round
                 self._wake.clear()
+                self._building = True  # still pending until the new snapshot is published
                 self._dirty_since = None
                 last_push = time.monotonic()
                 try:
                     await self._rebuild()
                 except Exception:  # noqa: BLE001 - a bug here must not end distribution for good
                     log.exception("building a snapshot failed; the sidecars keep the last one")
+                finally:
+                    self._building = False
         finally:
             sweeper.cancel()
 
@@ -580,7 +586,8 @@ class Distributor:
                     nacked = bool(c.nack_nonce) and c.nack_nonce == c.sent_nonce
                     counts["NACK" if nacked else "SYNCED" if current and c.acked_version == current else "STALE"] += 1
                 return {"version": current, "config_version": snap.config_version if snap else None,
-                        "pending": self._dirty_since is not None, "pushes": self.pushes, "refused": refused,
+                        "pending": self._dirty_since is not None or self._building,
+                        "pushes": self.pushes, "refused": refused,
                         "connected": len(self._conns), "endpoints": len(self._endpoints), **counts}
             out = []
             for c in sorted(self._conns.values(), key=lambda c: (c.node.service, c.node.version, c.key[1])):
@@ -609,7 +616,7 @@ class Distributor:
                     "config_published_at": self._published_at.get(snap.config_version) if snap else None,
                     "endpoint_generation": snap.endpoint_generation if snap else None,
                     "pushes": self.pushes, "refused": refused,
-                    "pending": self._dirty_since is not None,  # changes not in a snapshot yet (debouncing)
+                    "pending": self._dirty_since is not None or self._building,  # changes not published yet (debouncing, building)
                     "proxies": out, "endpoints": endpoints}
 
 
