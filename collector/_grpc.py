@@ -18,8 +18,13 @@ Two servers, the same answers (tests/collector/test_receiver.py runs its gRPC te
   wakes it with the message, then sleeps again in the log until its sync: ~30 context switches an
   export against ~8. Measured on benchmarks/collector.py's exports (``--layers``, 2026-11-28,
   3 alternated rounds): receiving, checking and logging cost 1.43-1.95 us a span against 2.39-2.75.
-- :func:`grpc.server` with a thread pool, when grpcio's core is not as this module expects (a
-  future grpcio), or ``TRACEMESH_GRPC_SERVER=grpcio``.
+- :func:`grpc.server` with a thread pool, when grpcio's core is not as this module expects, or
+  ``TRACEMESH_GRPC_SERVER=grpcio``.
+
+``grpc._cython.cygrpc`` is not grpcio's public API, so CoreServer is chosen by itself only on the
+grpcio releases it has been tested with (:data:`CORE_TESTED`: tests/collector/test_receiver.py passes
+on 1.63.2, the OpenTelemetry exporters' floor, and on 1.85.3); a newer grpcio gets the thread-pool
+server, with a warning, until it has been tried. ``TRACEMESH_GRPC_SERVER=core`` forces CoreServer.
 
 Other unary methods given as ``extra_handlers`` (the mesh CA's bootstrap door) are served on the
 same port by either.
@@ -57,6 +62,35 @@ try:  # grpcio's core, as grpc.server drives it; checked once, CoreServer is not
                  _cy.SendStatusFromServerOperation, _cy.ReceiveCloseOnServerOperation, _cy.StatusCode.ok)
 except (ImportError, AttributeError):  # pragma: no cover - a grpcio whose core differs
     _cy = None
+
+#: grpcio releases (major, minor) whose core CoreServer has been run against, first and last.
+CORE_TESTED = ((1, 63), (1, 85))
+
+
+def _grpcio_version() -> tuple[int, int]:
+    try:
+        major, minor = grpc.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:  # pragma: no cover - a development build's version string
+        return (0, 0)
+
+
+def server_kind() -> str:
+    """Which server :func:`start_grpc` starts: ``"core"`` or ``"grpcio"`` (see the module's doc)."""
+    chosen = os.environ.get("TRACEMESH_GRPC_SERVER", "")
+    if chosen not in ("", "core", "grpcio"):
+        raise ValueError(f"TRACEMESH_GRPC_SERVER must be core or grpcio, not {chosen!r}")
+    if chosen == "grpcio" or _cy is None:
+        if chosen == "core":
+            log.warning("TRACEMESH_GRPC_SERVER=core, but grpcio %s's core is not as expected: using grpc.server",
+                        grpc.__version__)
+        return "grpcio"
+    if chosen == "core" or CORE_TESTED[0] <= _grpcio_version() <= CORE_TESTED[1]:
+        return "core"
+    log.warning("grpcio %s is newer than the releases the OTLP/gRPC receiver's core server was tested with "
+                "(up to %d.%d): using grpc.server's thread pool (TRACEMESH_GRPC_SERVER=core to try the core server)",
+                grpc.__version__, *CORE_TESTED[1])
+    return "grpcio"
 
 
 def _retry_info_trailer(seconds: int):
@@ -358,7 +392,7 @@ def start_grpc(addr: str, pipeline: Pipeline, *, max_message: int = MAX_MESSAGE_
     """Start the receiver on *addr* (``host:port``); return the server and the bound port.
     *extra_handlers* are served on the same port (the mesh CA's bootstrap door). *bare*: answer
     every export at once, unread (benchmarks/collector.py --layers measures the server alone)."""
-    if _cy is None or os.environ.get("TRACEMESH_GRPC_SERVER") == "grpcio":
+    if server_kind() == "grpcio":
         return _start_pool_server(addr, pipeline, max_message, extra_handlers, bare)
     server = CoreServer(pipeline, max_message=max_message, extra_handlers=extra_handlers, bare=bare)
     port = server.add_insecure_port(addr)

@@ -26,10 +26,10 @@ TRACE_SERVICE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Exp
 @pytest.fixture(scope="module", params=["core", "grpcio"])
 def collector(collector_factory, request):
     """Every test here runs on both OTLP/gRPC servers (collector/_grpc.py): grpcio's core driven by
-    the collector's workers, the default, and grpc.server, its fallback."""
+    the collector's workers, the default, and grpc.server, its fallback. The core server is forced,
+    so that a grpcio newer than those it was tested with fails here rather than falling back."""
     env = {k: v for k, v in os.environ.items() if k != "TRACEMESH_GRPC_SERVER"}
-    if request.param == "grpcio":
-        env["TRACEMESH_GRPC_SERVER"] = "grpcio"
+    env["TRACEMESH_GRPC_SERVER"] = request.param
     c = collector_factory(env=env)
     threads = set()
     for task in Path(f"/proc/{c.proc.pid}/task").iterdir():
@@ -371,3 +371,22 @@ def test_sigterm_under_load_stores_every_acknowledged_export(collector_factory, 
     missing = [t for t in acked_now if t not in stored]
     assert not missing, f"{len(missing)} of {len(acked_now)} acknowledged exports missing after SIGTERM"
     assert all(stored[t] == "100" for t in acked_now)
+
+
+def test_the_core_server_is_chosen_only_on_grpcio_releases_it_was_tested_with(monkeypatch, caplog):
+    from tracemesh.collector import _grpc
+
+    monkeypatch.delenv("TRACEMESH_GRPC_SERVER", raising=False)
+    first, last = _grpc.CORE_TESTED
+    assert first <= _grpc._grpcio_version(), "pyproject's grpcio floor is older than the receiver was tested on"
+    for version, kind in ((first, "core"), (last, "core"), ((last[0], last[1] + 1), "grpcio"), ((2, 0), "grpcio")):
+        monkeypatch.setattr(_grpc, "_grpcio_version", lambda v=version: v)
+        assert _grpc.server_kind() == kind, version
+    assert "newer than the releases" in caplog.text
+    monkeypatch.setenv("TRACEMESH_GRPC_SERVER", "core")  # forced, on a release not yet tried
+    assert _grpc.server_kind() == "core"
+    monkeypatch.setenv("TRACEMESH_GRPC_SERVER", "grpcio")
+    assert _grpc.server_kind() == "grpcio"
+    monkeypatch.setenv("TRACEMESH_GRPC_SERVER", "fast")
+    with pytest.raises(ValueError, match="core or grpcio"):
+        _grpc.server_kind()
