@@ -9,8 +9,8 @@
  * for inserting the finished rows alone. This module does both jobs in C on the raw bytes, with no
  * parse tree: ``check`` (~0.33 us a span of benchmarks/collector.py's, against ~2.6-3 us for upb and
  * the Python checks) and ``encode`` (~0.9 us a span; ~1.05 us when it validates the bytes again), and
- * ClickHouse only stores a block whose columns are already rendered (see the README for what the
- * collector does with it end to end).
+ * ClickHouse only stores a block whose columns are already rendered, its LowCardinality columns
+ * already dictionary-encoded (see lcdict; the README says what the collector does with it end to end).
  *
  * The Python encoder (_encode.py: encode_traces, _span_problem, value_str, format_double) is the
  * reference: the rows produced here must be exactly its rows, and the refusals exactly its refusals,
@@ -42,6 +42,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 
 #define MAX_DEPTH 100
 #define MAX_TIME_NS 0x7fffffffffffffffULL
@@ -1145,6 +1147,177 @@ static void put_value_str(buf_t *b, anyval *a, int *oom) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* LowCardinality(String) columns: each distinct value once, and an index per row              */
+
+/* The exporter's tables hold span names, kinds, service names, status codes, event names and every
+ * attribute map's keys as LowCardinality(String). Handed over as String, ClickHouse hashed every
+ * value into a dictionary again (20 keys a span for benchmarks/collector.py's spans): measured in
+ * chdb on 100k of those spans, the insert cost 3.8-4.9 us a row as String, 2.5-3.6 as
+ * LowCardinality, and the block is half the size. So the block carries them as ClickHouse's Native
+ * format does (SerializationLowCardinality): a key version (UInt64 1) before the column's data; then,
+ * where the column holds any value, flags (UInt64: index width, HasAdditionalKeys, and
+ * NeedUpdateDictionary, as ClickHouse writes them), the distinct values as a String column with its
+ * UInt64 count, the UInt64 count of rows and one index per row, UInt8 to UInt32 wide as the count of
+ * values needs. The dictionary is the batch's: a hash table over the values, with the index found
+ * last at the same place (a span's n-th attribute, say) tried first, as batches repeat themselves. */
+
+typedef struct {
+    uint64_t h;
+    size_t off; /* the value's bytes in keys */
+    size_t n;
+} lckey;
+
+#define LC_HINTS 64
+
+typedef struct {
+    buf_t keys; /* the distinct values, as a String column */
+    lckey *k;
+    size_t nk, kcap;
+    uint32_t *slot; /* open addressing: a value's number + 1; 0 is empty. Never more than half full */
+    size_t scap;
+    uint32_t hint[LC_HINTS];
+} lcdict;
+
+/* a per-process random seed: values chosen to collide cannot be worked out in advance */
+static uint64_t lc_seed;
+
+static inline uint64_t lc_mix(uint64_t a, uint64_t b) {
+    __uint128_t r = (__uint128_t)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+
+static uint64_t lc_hash(const uint8_t *p, size_t n) {
+    uint64_t h = lc_seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ULL);
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = lc_mix(h ^ w, 0xbf58476d1ce4e5b9ULL);
+        p += 8;
+        n -= 8;
+    }
+    if (n) {
+        uint64_t w = 0;
+        memcpy(&w, p, n);
+        h = lc_mix(h ^ w, 0x94d049bb133111ebULL);
+    }
+    return lc_mix(h, 0xff51afd7ed558ccdULL);
+}
+
+static void lc_reset(lcdict *d) {
+    if (d->nk && d->slot)
+        memset(d->slot, 0, d->scap * sizeof(uint32_t));
+    d->keys.n = 0;
+    d->nk = 0;
+    memset(d->hint, 0xff, sizeof d->hint);
+}
+
+static void lc_free(lcdict *d) {
+    buf_free(&d->keys);
+    free(d->k);
+    free(d->slot);
+    memset(d, 0, sizeof *d);
+}
+
+static __attribute__((noinline)) int lc_grow(lcdict *d, int *oom) {
+    size_t nc = d->scap ? d->scap * 2 : 64;
+    uint32_t *ns = nc > SIZE_MAX / sizeof(uint32_t) ? NULL : calloc(nc, sizeof(uint32_t));
+    if (!ns) {
+        *oom = 1;
+        return 0;
+    }
+    for (size_t i = 0; i < d->nk; i++) {
+        size_t j = (size_t)d->k[i].h & (nc - 1);
+        while (ns[j])
+            j = (j + 1) & (nc - 1);
+        ns[j] = (uint32_t)(i + 1);
+    }
+    free(d->slot);
+    d->slot = ns;
+    d->scap = nc;
+    return 1;
+}
+
+/* a == b over n bytes; up to 32 without a call to memcmp (most values here are short keys) */
+static inline __attribute__((always_inline)) int same_bytes(const uint8_t *a, const uint8_t *b, size_t n) {
+    uint64_t x, y, u, v;
+    if (n >= 8 && n <= 32) {
+        memcpy(&x, a, 8), memcpy(&y, b, 8), memcpy(&u, a + n - 8, 8), memcpy(&v, b + n - 8, 8);
+        if ((x ^ y) | (u ^ v))
+            return 0;
+        if (n <= 16)
+            return 1;
+        memcpy(&x, a + 8, 8), memcpy(&y, b + 8, 8), memcpy(&u, a + n - 16, 8), memcpy(&v, b + n - 16, 8);
+        return !((x ^ y) | (u ^ v));
+    }
+    if (n < 8) {
+        for (size_t i = 0; i < n; i++)
+            if (a[i] != b[i])
+                return 0;
+        return 1;
+    }
+    return !memcmp(a, b, n);
+}
+
+/* the index of value p[0:n] in the dictionary, added when new; `at` names the place it was found
+ * (LC_HINTS or more: none) */
+static inline __attribute__((always_inline)) uint32_t lc_index(lcdict *d, const uint8_t *p, size_t n, size_t at,
+                                                             int *oom) {
+    if (at < LC_HINTS) {
+        uint32_t t = d->hint[at];
+        if (t < d->nk && d->k[t].n == n && same_bytes(d->keys.p + d->k[t].off, p, n))
+            return t;
+    }
+    if (*oom || (2 * (d->nk + 1) > d->scap && !lc_grow(d, oom)))
+        return 0;
+    uint64_t h = lc_hash(p, n);
+    size_t j = (size_t)h & (d->scap - 1);
+    uint32_t s;
+    while ((s = d->slot[j])) {
+        const lckey *e = &d->k[s - 1];
+        if (e->h == h && e->n == n && same_bytes(d->keys.p + e->off, p, n))
+            goto found;
+        j = (j + 1) & (d->scap - 1);
+    }
+    if (d->nk >= 0xfffffffeu) {
+        *oom = 1;
+        return 0;
+    }
+    if (d->nk == d->kcap) {
+        size_t nc = d->kcap ? d->kcap * 2 : 64;
+        lckey *nk = nc > SIZE_MAX / sizeof(lckey) ? NULL : realloc(d->k, nc * sizeof(lckey));
+        if (!nk) {
+            *oom = 1;
+            return 0;
+        }
+        d->k = nk;
+        d->kcap = nc;
+    }
+    buf_varint(&d->keys, n, oom);
+    if (*oom)
+        return 0;
+    d->k[d->nk].h = h;
+    d->k[d->nk].off = d->keys.n;
+    d->k[d->nk].n = n;
+    buf_put(&d->keys, p, n, oom);
+    s = (uint32_t)(++d->nk);
+    d->slot[j] = s;
+found:
+    if (at < LC_HINTS)
+        d->hint[at] = s - 1;
+    return s - 1;
+}
+
+/* one row's value of a LowCardinality column: its index, 4 bytes (narrowed when the block is written) */
+static inline __attribute__((always_inline)) void lc_put(lcdict *d, buf_t *idx, const uint8_t *p, size_t n, size_t at,
+                                                       int *oom) {
+    uint32_t i = lc_index(d, p, n, at, oom);
+    if (buf_reserve(idx, 4, oom)) {
+        memcpy(idx->p + idx->n, &i, 4);
+        idx->n += 4;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* maps with dict semantics: a repeated key keeps its first place and takes its last value      */
 
 typedef struct {
@@ -1338,14 +1511,15 @@ static inline sv ent_val(const mapbuild *m, const ent_t *e) {
     return v;
 }
 
-/* append the map's keys and values to two String columns; return the entries written */
-static size_t map_write(const mapbuild *m, buf_t *keys, buf_t *vals, int *oom) {
+/* append the map's keys (indexes into a LowCardinality dictionary) and values (a String column); return
+ * the entries written */
+static size_t map_write_lc(const mapbuild *m, lcdict *d, buf_t *keys, buf_t *vals, int *oom) {
     size_t w = 0;
     for (size_t i = 0; i < m->n; i++) {
         const ent_t *e = &m->e[i];
         if (e->drop)
             continue;
-        buf_str(keys, e->key.p, e->key.n, oom);
+        lc_put(d, keys, e->key.p, e->key.n, w, oom);
         sv v = ent_val(m, e);
         buf_str(vals, v.p, v.n, oom);
         w++;
@@ -1508,6 +1682,7 @@ static int span_problem(const span_t *s, problem_t *pr) {
     return pr->kind = 0;
 }
 
+
 /* ------------------------------------------------------------------------------------------ */
 /* the walk over a request, shared by check and encode                                        */
 
@@ -1529,9 +1704,15 @@ typedef struct {
     size_t rows, n_ra, n_sa, n_ev, n_ea, n_lk, n_la;
     mapbuild mres, mspan;
     span_t span; /* the span being walked; its arrays are reused */
-    buf_t res_k, res_v, svc;
+    buf_t res_k, res_v, svc; /* the resource's map (keys as indexes) and service name, once per ResourceSpans */
     size_t res_count;
+    uint32_t svc_idx;
+    lcdict lc[B_COUNT]; /* the dictionaries of the buffers that are LowCardinality (IS_LC) */
 } walk_t;
+
+/* the buffers holding a LowCardinality column's indexes */
+static const uint8_t IS_LC[B_COUNT] = {[B_NAME] = 1, [B_KIND] = 1, [B_SVC] = 1, [B_RA_K] = 1, [B_SA_K] = 1,
+                                       [B_SCODE] = 1, [B_EV_NAME] = 1, [B_EA_K] = 1, [B_LA_K] = 1};
 
 static int problem_eq(const problem_t *a, const problem_t *b) {
     return a->kind == b->kind && a->num == b->num && a->name.n == b->name.n &&
@@ -1540,10 +1721,11 @@ static int problem_eq(const problem_t *a, const problem_t *b) {
 
 static const char *const KINDS[] = {"Unspecified", "Internal", "Server", "Client", "Producer", "Consumer"};
 static const char *const STATUS[] = {"Unset", "Ok", "Error"};
+static const size_t KIND_LEN[] = {11, 8, 6, 6, 8, 8};
+static const size_t STATUS_LEN[] = {5, 2, 5};
 
 static void put_strcol(buf_t *b, sv s, int *oom) { buf_str(b, s.p, s.n, oom); }
 
-static void put_cstrcol(buf_t *b, const char *s, int *oom) { buf_str(b, (const uint8_t *)s, strlen(s), oom); }
 
 static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_version) {
     int *oom = &w->oom;
@@ -1556,9 +1738,13 @@ static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_versio
     else
         put_hex(&b[B_PSID], s->psid, oom);
     put_strcol(&b[B_TSTATE], s->tstate, oom);
-    put_strcol(&b[B_NAME], s->name, oom);
-    put_cstrcol(&b[B_KIND], s->kind >= 0 && s->kind < 6 ? KINDS[s->kind] : "Unspecified", oom);
-    buf_str(&b[B_SVC], w->svc.p, w->svc.n, oom);
+    lc_put(&w->lc[B_NAME], &b[B_NAME], s->name.p, s->name.n, 0, oom);
+    int kind = s->kind >= 0 && s->kind < 6 ? s->kind : 0;
+    lc_put(&w->lc[B_KIND], &b[B_KIND], (const uint8_t *)KINDS[kind], KIND_LEN[kind], 0, oom);
+    if (buf_reserve(&b[B_SVC], 4, oom)) {
+        memcpy(b[B_SVC].p + b[B_SVC].n, &w->svc_idx, 4);
+        b[B_SVC].n += 4;
+    }
     /* the resource's map, rendered once per ResourceSpans */
     buf_put(&b[B_RA_K], w->res_k.p, w->res_k.n, oom);
     buf_put(&b[B_RA_V], w->res_v.p, w->res_v.n, oom);
@@ -1570,7 +1756,7 @@ static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_versio
     for (size_t k = 0; k < s->attrs.n && !*oom; k++)
         map_add(&w->mspan, s->attrs.p[k], oom);
     map_dedup(&w->mspan, oom);
-    w->n_sa += map_write(&w->mspan, &b[B_SA_K], &b[B_SA_V], oom);
+    w->n_sa += map_write_lc(&w->mspan, &w->lc[B_SA_K], &b[B_SA_K], &b[B_SA_V], oom);
     buf_u64(&b[B_SA_OFF], w->n_sa, oom);
     buf_u64(&b[B_DUR], s->end > s->start ? s->end - s->start : 0, oom);
     for (size_t k = 0; k < s->events.n; k++) {
@@ -1578,9 +1764,9 @@ static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_versio
         uint64_t t;
         event_fields(ev, &t, &nm);
         buf_u64(&b[B_EV_TS], t, oom);
-        put_strcol(&b[B_EV_NAME], nm, oom);
+        lc_put(&w->lc[B_EV_NAME], &b[B_EV_NAME], nm.p, nm.n, 0, oom);
         map_build(&w->mspan, &ev, 1, TAG(3, 2), oom);
-        w->n_ea += map_write(&w->mspan, &b[B_EA_K], &b[B_EA_V], oom);
+        w->n_ea += map_write_lc(&w->mspan, &w->lc[B_EA_K], &b[B_EA_K], &b[B_EA_V], oom);
         buf_u64(&b[B_EA_IN], w->n_ea, oom);
         w->n_ev++;
     }
@@ -1593,12 +1779,13 @@ static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_versio
         else put_hex(&b[B_LK_SID], i, oom);
         put_strcol(&b[B_LK_TS], ts, oom);
         map_build(&w->mspan, &lk, 1, TAG(4, 2), oom);
-        w->n_la += map_write(&w->mspan, &b[B_LA_K], &b[B_LA_V], oom);
+        w->n_la += map_write_lc(&w->mspan, &w->lc[B_LA_K], &b[B_LA_K], &b[B_LA_V], oom);
         buf_u64(&b[B_LA_IN], w->n_la, oom);
         w->n_lk++;
     }
     int32_t code = s->code;
-    put_cstrcol(&b[B_SCODE], code >= 0 && code < 3 ? STATUS[code] : "Unset", oom);
+    code = code >= 0 && code < 3 ? code : 0;
+    lc_put(&w->lc[B_SCODE], &b[B_SCODE], (const uint8_t *)STATUS[code], STATUS_LEN[code], 0, oom);
     put_strcol(&b[B_SMSG], s->smsg, oom);
     buf_u64(&b[B_EV_OFF], w->n_ev, oom);
     buf_u64(&b[B_LK_OFF], w->n_lk, oom);
@@ -1663,7 +1850,7 @@ static void walk_resource_spans(walk_t *w, sv rs) {
         map_build(&w->mres, segs, res.n, TAG(1, 2), &w->oom);
         seg_free(&res);
         w->res_k.n = w->res_v.n = w->svc.n = 0;
-        w->res_count = map_write(&w->mres, &w->res_k, &w->res_v, &w->oom);
+        w->res_count = map_write_lc(&w->mres, &w->lc[B_RA_K], &w->res_k, &w->res_v, &w->oom);
         for (size_t i = 0; i < w->mres.n; i++) {
             const ent_t *en = &w->mres.e[i];
             if (!en->drop && en->key.n == sizeof SERVICE_NAME - 1 && !memcmp(en->key.p, SERVICE_NAME, en->key.n)) {
@@ -1671,6 +1858,7 @@ static void walk_resource_spans(walk_t *w, sv rs) {
                 buf_put(&w->svc, v.p, v.n, &w->oom);
             }
         }
+        w->svc_idx = lc_index(&w->lc[B_SVC], w->svc.p, w->svc.n, 0, &w->oom);
         p = rs.p;
     }
     while (next_field(&p, e, &f)) {
@@ -1709,6 +1897,8 @@ static void walk_free(walk_t *w) {
     buf_free(&w->res_k);
     buf_free(&w->res_v);
     buf_free(&w->svc);
+    for (int i = 0; i < B_COUNT; i++)
+        lc_free(&w->lc[i]);
     span_free(&w->span);
 }
 
@@ -1734,6 +1924,45 @@ static uint8_t *raw_varint(uint8_t *o, uint8_t *oe, uint64_t v, int *bad) {
     return raw_put(o, oe, tmp, n, bad);
 }
 
+static uint8_t *raw_u64(uint8_t *o, uint8_t *oe, uint64_t v, int *bad) {
+    uint8_t le[8];
+    for (int i = 0; i < 8; i++)
+        le[i] = (uint8_t)(v >> (8 * i));
+    return raw_put(o, oe, le, 8, bad);
+}
+
+/* a LowCardinality column's data after its key version (see lcdict): nothing when it holds no value */
+static uint8_t *raw_lc(uint8_t *o, uint8_t *oe, const lcdict *d, const buf_t *idx, int *bad) {
+    size_t rows = idx->n / 4;
+    if (!rows)
+        return o;
+    int width = d->nk <= 0x100 ? 1 : d->nk <= 0x10000 ? 2 : 4;
+    o = raw_u64(o, oe, (width == 1 ? 0 : width == 2 ? 1 : 2) | (1u << 9) | (1u << 10), bad);
+    o = raw_u64(o, oe, d->nk, bad);
+    o = raw_put(o, oe, d->keys.p, d->keys.n, bad);
+    o = raw_u64(o, oe, rows, bad);
+    if (*bad || rows * (size_t)width > (size_t)(oe - o)) {
+        *bad = 1;
+        return o;
+    }
+    const uint8_t *in = idx->p;
+    if (width == 4) {
+        memcpy(o, in, rows * 4);
+    } else {
+        for (size_t r = 0; r < rows; r++) {
+            uint32_t v;
+            memcpy(&v, in + 4 * r, 4);
+            if (width == 1) {
+                o[r] = (uint8_t)v;
+            } else {
+                uint16_t h = (uint16_t)v;
+                memcpy(o + 2 * r, &h, 2);
+            }
+        }
+    }
+    return o + rows * (size_t)width;
+}
+
 /* Encoding state kept between calls (only while the GIL is held is it taken or put back): its
  * column buffers keep their capacity, so the next batch neither grows them again nor faults in
  * fresh pages (measured: page faults were a tenth of the collector's CPU without it). */
@@ -1744,9 +1973,13 @@ static walk_t *walk_take(void) {
     walk_t *w = spare;
     spare = NULL;
     if (!w)
-        return calloc(1, sizeof(walk_t));
-    for (int i = 0; i < B_COUNT; i++)
+        w = calloc(1, sizeof(walk_t));
+    if (!w)
+        return NULL;
+    for (int i = 0; i < B_COUNT; i++) {
         w->b[i].n = 0;
+        lc_reset(&w->lc[i]);
+    }
     w->res_k.n = w->res_v.n = w->svc.n = 0;
     w->oom = 0;
     w->valid = w->rejected = 0;
@@ -1759,7 +1992,7 @@ static walk_t *walk_take(void) {
 static void walk_give_back(walk_t *w) {
     size_t held = 0;
     for (int i = 0; i < B_COUNT; i++)
-        held += w->b[i].cap;
+        held += w->b[i].cap + w->lc[i].keys.cap + w->lc[i].scap * sizeof(uint32_t) + w->lc[i].kcap * sizeof(lckey);
     if (!spare && !w->oom && held <= SPARE_MAX_BYTES) {
         spare = w;
         return;
@@ -1880,10 +2113,12 @@ static const char *const COL_NAMES[22] = {
     "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes", "Duration", "StatusCode", "StatusMessage",
     "Events.Timestamp", "Events.Name", "Events.Attributes", "Links.TraceId", "Links.SpanId", "Links.TraceState",
     "Links.Attributes"};
+#define LCS "LowCardinality(String)"
 static const char *const COL_TYPES[22] = {
-    "DateTime64(9)", "String", "String", "String", "String", "String", "String", "String", "Map(String, String)",
-    "String", "String", "Map(String, String)", "UInt64", "String", "String", "Array(DateTime64(9))", "Array(String)",
-    "Array(Map(String, String))", "Array(String)", "Array(String)", "Array(String)", "Array(Map(String, String))"};
+    "DateTime64(9)", "String", "String", "String", "String", LCS, LCS, LCS, "Map(" LCS ", String)",
+    "String", "String", "Map(" LCS ", String)", "UInt64", LCS, "String", "Array(DateTime64(9))", "Array(" LCS ")",
+    "Array(Map(" LCS ", String))", "Array(String)", "Array(String)", "Array(String)", "Array(Map(" LCS ", String))"};
+#undef LCS
 /* the buffers of each column, in order; -1 ends */
 static const int COL_BUFS[22][5] = {
     {B_TS, -1}, {B_TID, -1}, {B_SID, -1}, {B_PSID, -1}, {B_TSTATE, -1}, {B_NAME, -1}, {B_KIND, -1}, {B_SVC, -1},
@@ -1954,8 +2189,12 @@ static PyObject *py_encode(PyObject *self, PyObject *args, PyObject *kwargs) {
         total = 20;
         for (int c = 0; c < 22; c++) {
             total += 2 + strlen(COL_NAMES[c]) + strlen(COL_TYPES[c]);
-            for (int k = 0; COL_BUFS[c][k] >= 0; k++)
-                total += w->b[COL_BUFS[c][k]].n;
+            for (int k = 0; COL_BUFS[c][k] >= 0; k++) {
+                int bi = COL_BUFS[c][k];
+                total += w->b[bi].n;
+                if (IS_LC[bi]) /* the key version, flags, counts and the dictionary; indexes no wider than 4 */
+                    total += 32 + w->lc[bi].keys.n;
+            }
         }
     }
     Py_END_ALLOW_THREADS
@@ -1980,7 +2219,15 @@ static PyObject *py_encode(PyObject *self, PyObject *args, PyObject *kwargs) {
                 o = raw_varint(o, oe, strlen(COL_TYPES[c]), &bad);
                 o = raw_put(o, oe, COL_TYPES[c], strlen(COL_TYPES[c]), &bad);
                 for (int k = 0; COL_BUFS[c][k] >= 0; k++)
-                    o = raw_put(o, oe, w->b[COL_BUFS[c][k]].p, w->b[COL_BUFS[c][k]].n, &bad);
+                    if (IS_LC[COL_BUFS[c][k]]) /* the key version leads the column's data, before any offsets */
+                        o = raw_u64(o, oe, 1, &bad);
+                for (int k = 0; COL_BUFS[c][k] >= 0; k++) {
+                    int bi = COL_BUFS[c][k];
+                    if (IS_LC[bi])
+                        o = raw_lc(o, oe, &w->lc[bi], &w->b[bi], &bad);
+                    else
+                        o = raw_put(o, oe, w->b[bi].p, w->b[bi].n, &bad);
+                }
             }
             Py_END_ALLOW_THREADS
             if (bad) {
@@ -2015,6 +2262,8 @@ static struct PyModuleDef moddef = {
 
 PyMODINIT_FUNC PyInit__otlpc(void) {
     fill_fields();
+    if (getrandom(&lc_seed, sizeof lc_seed, GRND_NONBLOCK) != (ssize_t)sizeof lc_seed)
+        lc_seed = (uint64_t)(uintptr_t)&lc_seed ^ ((uint64_t)time(NULL) * 0x9E3779B97F4A7C15ULL);
     PyObject *m = PyModule_Create(&moddef);
     if (!m)
         return NULL;

@@ -227,3 +227,19 @@ def test_with_the_c_encoder_every_batch_is_one_native_block_deduplicated_by_its_
     assert r.returncode == 0, r.stderr[-2000:]
     # two inserts of one block each, the second dropped by its token; the materialized view is fed
     assert r.stdout.split() == ["[('Native',", "'small'),", "('Native',", "'small')]", "2", "1"]
+
+
+def test_low_cardinality_dictionaries_of_every_index_width_store_the_same_rows():
+    """The C encoder hands LowCardinality columns over dictionary-encoded, with indexes as narrow as
+    the batch's dictionary allows: over 65,536 distinct span names need UInt32 indexes, 300 distinct
+    attribute keys UInt16, the kinds and status codes UInt8; stored, every row is the Python encoder's."""
+    spans = [Span(trace_id=(i + 1).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"), name=f"op-{i}",
+                  kind=i % 6, status=Status(code=i % 3), start_time_unix_nano=i,
+                  attributes=[_kv(f"key.{i % 300}", AnyValue(int_value=i)), _kv("same", AnyValue(string_value="v"))])
+             for i in range(66_000)]
+    reqs = [ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=Resource(attributes=[_kv("service.name", AnyValue(string_value=f"svc-{n}"))]),
+        scope_spans=[ScopeSpans(spans=spans[n::4])])]) for n in range(4)]
+    [res] = _run([reqs])
+    _same([res])
+    assert len(res["python"]) == len(spans)

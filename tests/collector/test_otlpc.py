@@ -198,20 +198,46 @@ def _read_native(block: bytes) -> dict:
         pos += 8 * n
         return out
 
+    def low_cardinality(n: int) -> list:
+        # ClickHouse's SerializationLowCardinality in Native: nothing for no rows; else flags (index
+        # width and HasAdditionalKeys; never a global dictionary), the keys, the rows' indexes
+        if n == 0:
+            return []
+        flags, = u64s(1)
+        width = flags & 0xFF
+        assert flags & (1 << 9) and not flags & (1 << 8) and width <= 2, hex(flags)
+        nkeys, = u64s(1)
+        keys = [string() for _ in range(nkeys)]
+        rows, = u64s(1)
+        assert rows == n
+        nonlocal pos
+        fmt = "<" + "BHI"[width] * n
+        idx = struct.unpack_from(fmt, block, pos)
+        pos += struct.calcsize(fmt)
+        assert max(idx) < nkeys
+        # the narrowest width for the dictionary (which may hold a value no row kept: a resource's
+        # attributes when all of its spans were refused; ClickHouse keeps only those indexed)
+        assert width == (0 if nkeys <= 0x100 else 1 if nkeys <= 0x10000 else 2)
+        assert len(set(keys)) == nkeys
+        return [keys[i] for i in idx]
+
     def column(typ: str, n: int) -> list:
         if typ in ("DateTime64(9)", "UInt64"):
             return u64s(n)
         if typ == "String":
             return [string() for _ in range(n)]
+        if typ == "LowCardinality(String)":
+            return low_cardinality(n)
         if typ.startswith("Array("):
             ends = u64s(n)
             flat = column(typ[6:-1], ends[-1] if ends else 0)
             return [flat[a:b] for a, b in zip([0] + ends, ends)]
-        if typ == "Map(String, String)":
+        if typ.startswith("Map("):
+            key_type, value_type = typ[4:-1].split(", ")
             ends = u64s(n)
             total = ends[-1] if ends else 0
-            keys = [string() for _ in range(total)]
-            vals = [string() for _ in range(total)]
+            keys = column(key_type, total)
+            vals = column(value_type, total)
             return [list(zip(keys[a:b], vals[a:b])) for a, b in zip([0] + ends, ends)]
         raise AssertionError(typ)
 
@@ -221,6 +247,8 @@ def _read_native(block: bytes) -> dict:
     out = {}
     for _ in range(ncols):
         name, typ = string(), string()
+        if "LowCardinality" in typ:  # the key version, before the column's data
+            assert u64s(1) == [1], name
         out[name] = column(typ, nrows)
     assert pos == len(block)
     return out
@@ -524,3 +552,17 @@ def test_encode_takes_bytes_like_payloads_and_refuses_the_rest():
             _otlpc.encode(bad)
     del views
     m.close()  # BufferError if encode kept an export of the mapping (on success or on error)
+
+
+def test_low_cardinality_indexes_take_the_narrowest_width_the_dictionary_allows():
+    """Over 65,536 distinct span names: UInt32 indexes; 300 attribute keys: UInt16; kinds: UInt8
+    (_read_native checks each column's width against its dictionary's size, and _compare_encode the
+    rows against Python's)."""
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    spans = [Span(trace_id=(i + 1).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"), name=f"op-{i}", kind=i % 6,
+                  attributes=[KeyValue(key=f"key.{i % 300}", value=AnyValue(int_value=i))]) for i in range(66_000)]
+    reqs = [ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans[n::2])])])
+            for n in range(2)]
+    _compare_encode([r.SerializeToString() for r in reqs], reqs)
