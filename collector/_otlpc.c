@@ -145,6 +145,19 @@ static inline __attribute__((always_inline)) void buf_str(buf_t *b, const uint8_
     buf_put(b, s, n, oom);
 }
 
+/* a growable array of `elem`-byte items with twice the room (`first` items at first): the new
+ * pointer, with *cap updated; NULL and *oom set when memory runs out (the old array stays) */
+static __attribute__((noinline)) void *grow_array(void *p, size_t *cap, size_t elem, size_t first, int *oom) {
+    size_t nc = *cap ? *cap * 2 : first;
+    void *np = nc > SIZE_MAX / elem / 2 ? NULL : realloc(p, nc * elem);
+    if (!np) {
+        *oom = 1;
+        return NULL;
+    }
+    *cap = nc;
+    return np;
+}
+
 static void buf_free(buf_t *b) {
     free(b->p);
     b->p = NULL;
@@ -1283,14 +1296,10 @@ static inline __attribute__((always_inline)) uint32_t lc_index(lcdict *d, const 
         return 0;
     }
     if (d->nk == d->kcap) {
-        size_t nc = d->kcap ? d->kcap * 2 : 64;
-        lckey *nk = nc > SIZE_MAX / sizeof(lckey) ? NULL : realloc(d->k, nc * sizeof(lckey));
-        if (!nk) {
-            *oom = 1;
+        lckey *nk = grow_array(d->k, &d->kcap, sizeof(lckey), 64, oom);
+        if (!nk)
             return 0;
-        }
         d->k = nk;
-        d->kcap = nc;
     }
     buf_varint(&d->keys, n, oom);
     if (*oom)
@@ -1393,14 +1402,10 @@ static inline __attribute__((always_inline)) int kv_common(sv kv, sv *key, anyva
 /* one KeyValue occurrence, rendered, appended to the map (deduplicated by map_dedup) */
 static void map_add(mapbuild *m, sv kv, int *oom) {
     if (m->n == m->cap) {
-        size_t nc = m->cap ? m->cap * 2 : 32;
-        ent_t *ne = realloc(m->e, nc * sizeof(ent_t));
-        if (!ne) {
-            *oom = 1;
+        ent_t *ne = grow_array(m->e, &m->cap, sizeof(ent_t), 32, oom);
+        if (!ne)
             return;
-        }
         m->e = ne;
-        m->cap = nc;
     }
     ent_t *en = &m->e[m->n++];
     anyval a = {0};
@@ -1543,15 +1548,11 @@ typedef struct {
     size_t n, cap;
 } svbuf;
 
-static __attribute__((noinline)) int svbuf_grow(svbuf *b, int *oom) {
-    size_t nc = b->cap ? b->cap * 2 : 32;
-    sv *np = nc > SIZE_MAX / sizeof(sv) ? NULL : realloc(b->p, nc * sizeof(sv));
-    if (!np) {
-        *oom = 1;
+static int svbuf_grow(svbuf *b, int *oom) {
+    sv *np = grow_array(b->p, &b->cap, sizeof(sv), 32, oom);
+    if (!np)
         return 0;
-    }
     b->p = np;
-    b->cap = nc;
     return 1;
 }
 
