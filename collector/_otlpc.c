@@ -129,6 +129,13 @@ static inline void buf_u64(buf_t *b, uint64_t v, int *oom) {
     b->n += 8;
 }
 
+static inline __attribute__((always_inline)) void buf_u32(buf_t *b, uint32_t v, int *oom) {
+    if (!buf_reserve(b, 4, oom))
+        return;
+    memcpy(b->p + b->n, &v, 4);
+    b->n += 4;
+}
+
 static inline __attribute__((always_inline)) void buf_varint(buf_t *b, uint64_t v, int *oom) {
     if (!buf_reserve(b, 10, oom))
         return;
@@ -1319,11 +1326,7 @@ found:
 /* one row's value of a LowCardinality column: its index, 4 bytes (narrowed when the block is written) */
 static inline __attribute__((always_inline)) void lc_put(lcdict *d, buf_t *idx, const uint8_t *p, size_t n, size_t at,
                                                        int *oom) {
-    uint32_t i = lc_index(d, p, n, at, oom);
-    if (buf_reserve(idx, 4, oom)) {
-        memcpy(idx->p + idx->n, &i, 4);
-        idx->n += 4;
-    }
+    buf_u32(idx, lc_index(d, p, n, at, oom), oom);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1722,8 +1725,6 @@ static int problem_eq(const problem_t *a, const problem_t *b) {
 
 static const char *const KINDS[] = {"Unspecified", "Internal", "Server", "Client", "Producer", "Consumer"};
 static const char *const STATUS[] = {"Unset", "Ok", "Error"};
-static const size_t KIND_LEN[] = {11, 8, 6, 6, 8, 8};
-static const size_t STATUS_LEN[] = {5, 2, 5};
 
 static void put_strcol(buf_t *b, sv s, int *oom) { buf_str(b, s.p, s.n, oom); }
 
@@ -1741,11 +1742,8 @@ static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_versio
     put_strcol(&b[B_TSTATE], s->tstate, oom);
     lc_put(&w->lc[B_NAME], &b[B_NAME], s->name.p, s->name.n, 0, oom);
     int kind = s->kind >= 0 && s->kind < 6 ? s->kind : 0;
-    lc_put(&w->lc[B_KIND], &b[B_KIND], (const uint8_t *)KINDS[kind], KIND_LEN[kind], 0, oom);
-    if (buf_reserve(&b[B_SVC], 4, oom)) {
-        memcpy(b[B_SVC].p + b[B_SVC].n, &w->svc_idx, 4);
-        b[B_SVC].n += 4;
-    }
+    lc_put(&w->lc[B_KIND], &b[B_KIND], (const uint8_t *)KINDS[kind], strlen(KINDS[kind]), 0, oom);
+    buf_u32(&b[B_SVC], w->svc_idx, oom);
     /* the resource's map, rendered once per ResourceSpans */
     buf_put(&b[B_RA_K], w->res_k.p, w->res_k.n, oom);
     buf_put(&b[B_RA_V], w->res_v.p, w->res_v.n, oom);
@@ -1786,7 +1784,7 @@ static void emit_span(walk_t *w, const span_t *s, sv scope_name, sv scope_versio
     }
     int32_t code = s->code;
     code = code >= 0 && code < 3 ? code : 0;
-    lc_put(&w->lc[B_SCODE], &b[B_SCODE], (const uint8_t *)STATUS[code], STATUS_LEN[code], 0, oom);
+    lc_put(&w->lc[B_SCODE], &b[B_SCODE], (const uint8_t *)STATUS[code], strlen(STATUS[code]), 0, oom);
     put_strcol(&b[B_SMSG], s->smsg, oom);
     buf_u64(&b[B_EV_OFF], w->n_ev, oom);
     buf_u64(&b[B_LK_OFF], w->n_lk, oom);
@@ -1938,7 +1936,7 @@ static uint8_t *raw_lc(uint8_t *o, uint8_t *oe, const lcdict *d, const buf_t *id
     if (!rows)
         return o;
     int width = d->nk <= 0x100 ? 1 : d->nk <= 0x10000 ? 2 : 4;
-    o = raw_u64(o, oe, (width == 1 ? 0 : width == 2 ? 1 : 2) | (1u << 9) | (1u << 10), bad);
+    o = raw_u64(o, oe, (uint64_t)(width / 2) | (1u << 9) | (1u << 10), bad); /* UInt8, UInt16, UInt32: 0, 1, 2 */
     o = raw_u64(o, oe, d->nk, bad);
     o = raw_put(o, oe, d->keys.p, d->keys.n, bad);
     o = raw_u64(o, oe, rows, bad);
