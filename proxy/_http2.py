@@ -66,6 +66,7 @@ import math
 import re
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import h2.config
@@ -240,45 +241,86 @@ class _FailAt:
 class _Stream:
     """One stream of an :class:`H2Conn`: an inbox of what arrived for it, in order —
     ``("headers", headers, ended)``, ``("data", bytes, flow_controlled_length)``,
-    ``("trailers", headers)``, ``("end",)``, ``("reset", code)`` — and what we sent."""
+    ``("trailers", headers)``, ``("end",)``, ``("reset", code)`` — and what we sent.
 
-    __slots__ = ("conn", "id", "_tx", "_rx", "reset_code", "scope", "headers_sent", "ended_local")
+    The inbox is a deque with one parked reader, not a Trio memory channel: a channel costs a
+    send and a receive channel with their state to make for every stream, a statistics object
+    for every look, and a trip through the scheduler for every item taken even when it is
+    already here (~4 % of a sidecar's CPU under gRPC load). Taking an item that is here only
+    checks for cancellation (as ``FastStream`` does for bytes the kernel already has); waiting
+    is a real checkpoint. One task reads a stream at a time (a second one waiting is
+    ``trio.BusyResourceError``)."""
+
+    __slots__ = ("conn", "id", "_inbox", "_reader", "reset_code", "scope", "headers_sent", "ended_local")
 
     def __init__(self, conn: "H2Conn", sid: int) -> None:
         self.conn, self.id = conn, sid
         # unbounded in items, bounded in bytes by the flow-control windows we advertise
-        self._tx, self._rx = trio.open_memory_channel(math.inf)
+        self._inbox: deque[tuple] = deque()
+        self._reader: trio.lowlevel.Task | None = None  # the task parked until an item arrives
         self.reset_code: int | None = None
         self.scope = trio.CancelScope()  # a downstream stream's exchange, cancelled by a reset
         self.headers_sent = self.ended_local = False
 
     def put(self, item: tuple) -> None:
-        self._tx.send_nowait(item)
+        self._inbox.append(item)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(reader)
 
     def has_next(self) -> bool:
         """An item is already here: :meth:`next` will not wait."""
-        return self._rx.statistics().current_buffer_used > 0
+        return bool(self._inbox)
+
+    def body_here(self) -> int | None:
+        """The request body's bytes when all of what is left of it is already here (its end or
+        trailers are in the inbox), else None."""
+        size = 0
+        for item in self._inbox:
+            kind = item[0]
+            if kind == "data":
+                size += len(item[1])
+            elif kind == "end" or kind == "trailers":
+                return size
+            else:
+                return None
+        return None
 
     def next_nowait(self) -> tuple | None:
         """The next item if one is already here, else None; a reset is returned as it is (the
         caller raises it when it gets to it, as :meth:`next` would)."""
-        try:
-            return self._rx.receive_nowait()
-        except trio.WouldBlock:
-            return None
+        return self._inbox.popleft() if self._inbox else None
 
     def gone(self, code: int) -> None:
         if self.reset_code is None:
             self.reset_code = code
             self.put(("reset", code))
 
+    async def _take(self) -> tuple:
+        inbox = self._inbox
+        if inbox:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        while not inbox:
+            if self._reader is not None:
+                raise trio.BusyResourceError("another task is already reading this HTTP/2 stream")
+            task = self._reader = trio.lowlevel.current_task()
+
+            def abort(_raise_cancel, task=task) -> trio.lowlevel.Abort:
+                if self._reader is task:
+                    self._reader = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return inbox.popleft()
+
     async def next(self, timeout: float = math.inf) -> tuple:
         """The next item; TooSlowError after *timeout*; _Gone for a reset."""
-        if timeout > 0 and self.has_next():
-            item = await self._rx.receive()  # already here: no timer needed (a cancel scope costs ~5 µs)
+        if timeout > 0 and self._inbox:
+            item = await self._take()  # already here: no timer needed (a cancel scope costs ~5 µs)
         else:
             with _FailAt(trio.current_time() + timeout):  # no scope for no timeout
-                item = await self._rx.receive()
+                item = await self._take()
         if item[0] == "reset":
             raise _Gone(item[1])
         return item
@@ -299,14 +341,8 @@ class _Stream:
         c.streams.pop(self.id, None)
         if c.dead is not None:
             return
-        unread = 0
-        while True:
-            try:
-                item = self._rx.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if item[0] == "data":
-                unread += item[2]
+        unread = sum(item[2] for item in self._inbox if item[0] == "data")
+        self._inbox.clear()
         self.ack(unread)
         try:
             c.h2.reset_stream(self.id, code)
@@ -1012,7 +1048,18 @@ class H2Server:
                 # the body ended): the head can wait for its send; the pump may otherwise wait for the client
                 await conn.send_headers(us, out, end=body_done,
                                         flush=body_done or not (req.ended or req.kept or req.ds.has_next()))
-                if not body_done:
+                # A body already here in full (a unary gRPC call's message, a small POST) that the
+                # upstream's window takes without waiting goes in the head's write, with no pump task
+                # (nor its cancel scope): sending it cannot hold up the wait for the response.
+                here = None if body_done else req.ds.body_here()  # (the stream's window exists once opened)
+                inline = here is not None and req.kept_size + here <= conn.h2.local_flow_control_window(us.id)
+                req.pump = None
+                if inline:
+                    try:
+                        await self._send_body(req, us, span)
+                    except _Gone:
+                        pass  # the upstream stream went away: the response head's wait reports it
+                elif not body_done:
                     req.pump = trio.CancelScope()
                     n.start_soon(self._pump, req.pump, req, us, span)
                 with _FailAt(deadline):
@@ -1043,28 +1090,33 @@ class H2Server:
         """The request body to *us*: what was kept first (a retry), then the rest as it arrives,
         acknowledged to the downstream once passed on; then the trailers or the end. A failure is
         left in ``req.failure`` and ends the attempt; an upstream that went away is the relay's."""
-        conn = us.conn
         try:
             with scope:
-                for chunk in list(req.kept or ()):
-                    await conn.send_data(us, chunk)
-                while (got := await req.next_data(span)) is not None:
-                    data, n = got
-                    try:  # flushed with what follows when that is already here
-                        await conn.send_data(us, data, flush=not req.ds.has_next())
-                    finally:
-                        req.ds.ack(n)
-                        await self.conn.flush()
-                if req.trailers is not None:
-                    await conn.send_headers(us, req.trailers, end=True)
-                else:
-                    await conn.send_data(us, b"", end=True)
+                await self._send_body(req, us, span)
         except _Gone:
             pass  # the upstream stream went away: the relay reports it
         except (ProxyError, trio.TooSlowError) as exc:
             req.failure = exc if isinstance(exc, ProxyError) else ProxyError(
                 504, "UT", "upstream stopped reading the request body")
             raise req.failure from None
+
+    async def _send_body(self, req: _Req, us: _Stream, span: _Span) -> None:
+        """What :meth:`_pump` sends: the kept body, the rest as it arrives (each DATA acknowledged to
+        the downstream once passed on), then the trailers or the end."""
+        conn = us.conn
+        for chunk in list(req.kept or ()):
+            await conn.send_data(us, chunk, flush=False)
+        while (got := await req.next_data(span)) is not None:
+            data, n = got
+            try:  # flushed with what follows when that is already here
+                await conn.send_data(us, data, flush=not req.ds.has_next())
+            finally:
+                req.ds.ack(n)
+                await self.conn.flush()
+        if req.trailers is not None:
+            await conn.send_headers(us, req.trailers, end=True)
+        else:
+            await conn.send_data(us, b"", end=True)
 
     async def _relay(self, req: _Req, us: _Stream, resp, ended: bool, span: _Span) -> None:
         """The response, head to end, downstream; each upstream DATA acknowledged once sent on."""

@@ -374,6 +374,10 @@ class _H1Down:
         """As :meth:`._http2._Stream.has_next`; False: the body is read from h11 only when asked for."""
         return False
 
+    def body_here(self) -> None:
+        """As :meth:`._http2._Stream.body_here`; None: the body is read from h11 only when asked for."""
+        return None
+
     # the connection side
     async def flush(self) -> None:
         await self._send(b"")
