@@ -65,6 +65,19 @@ def test_static_matches_are_one_byte_and_header_tuples_are_plain_fields():
     assert enc.encode([NeverIndexedHeaderTuple(b"authorization", b"k")], huffman=False) == b"\x1f\x08\x01k"
 
 
+def test_blocks_as_h2_asks_for_them_are_raw_literals_that_the_decoder_need_not_huffman_decode(monkeypatch):
+    monkeypatch.setattr(_hpack, "_KEPT", {})
+    enc = Encoder()
+    enc.encode([])  # the size update
+    fields = [(b"te", b"trailers"), (b"content-type", b"application/grpc"), (b":authority", b"server-grpc")]
+    for _ in range(2):  # encoded, then kept: the same bytes
+        block = enc.encode(fields)  # as h2 calls it
+        # literal name "te" (0x00, length 2), then static names 31 and 1 (0000xxxx): no H bit anywhere
+        assert block == (b"\x00\x02te\x08trailers" + b"\x0f\x10\x10application/grpc"
+                         + b"\x01\x0bserver-grpc")
+        assert Decoder().decode(block, raw=True) == fields
+
+
 def test_what_is_kept_is_bounded_whatever_the_peers_send(monkeypatch):
     monkeypatch.setattr(_hpack, "_KEPT", {})  # the process-wide cache, filled here for this test only
     enc = Encoder()
