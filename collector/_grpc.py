@@ -40,6 +40,7 @@ from concurrent import futures
 import grpc
 
 from tracemesh._proc import name_os_thread
+from tracemesh._release import release
 from tracemesh.collector._otlp import SIGNALS, OTLPError, Signal
 from tracemesh.collector._pipeline import Backpressure, Pipeline
 
@@ -68,11 +69,7 @@ CORE_TESTED = ((1, 63), (1, 85))
 
 
 def _grpcio_version() -> tuple[int, int]:
-    try:
-        major, minor = grpc.__version__.split(".")[:2]
-        return int(major), int(minor)
-    except ValueError:  # pragma: no cover - a development build's version string
-        return (0, 0)
+    return release(grpc.__version__)
 
 
 def server_kind() -> str:

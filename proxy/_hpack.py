@@ -111,7 +111,7 @@ class Encoder:
         """The header block of *headers*: (name, value) byte pairs, (name, value, sensitive)
         triples, HPACK's HeaderTuple or NeverIndexedHeaderTuple (special headers first, as h2
         passes them). *huffman*: Huffman-code the fields that are kept (the others never are);
-        off unless asked (see the module's notes: h2 asks with the default)."""
+        off by default, which is how h2 calls it (see the module's notes)."""
         out = []
         if self._size_update:
             out.append(self._size_update)

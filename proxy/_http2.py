@@ -78,6 +78,7 @@ import h2.settings
 import hpack
 import trio
 
+from tracemesh._release import release
 from tracemesh.net import Addr
 from tracemesh.proxy import _hpack, _translate
 from tracemesh.proxy._http1 import (
@@ -375,11 +376,7 @@ H2_RECEIVE_FRAME_TESTED = ((4, 1), (4, 4))
 
 
 def _h2_version() -> tuple[int, int]:
-    try:
-        major, minor = h2.__version__.split(".")[:2]
-        return int(major), int(minor)
-    except (AttributeError, ValueError):
-        return (0, 0)
+    return release(getattr(h2, "__version__", ""))
 
 
 class _H2Connection(h2.connection.H2Connection):
